@@ -1,0 +1,71 @@
+"""Read a captured stream: JSON Lines (one chunk per line) or SSE text such as ``curl -N`` prints.
+
+Both the worker's ``assemble`` command and the producer's ``replay`` command read captures through here, so
+they agree on what a capture means: each ``data:`` payload is one chunk, byte for byte; ``data: [DONE]``
+ends the stream; ``event: error`` marks its data as an upstream error; comments and other fields are
+skipped. An SSE event's data may span several ``data:`` lines (joined with newlines, as the SSE spec says).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+Item = Literal["chunk", "error", "done"]
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedItem:
+    kind: Item
+    data: bytes = b""
+
+
+def read_capture(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
+    """Yield the chunks of a capture. The format is told by its first non-blank line."""
+    it = iter(lines)
+    for first in it:
+        if first.strip():
+            break
+    else:
+        return
+    if first.lstrip().startswith((b"{", b"[")):
+        yield CapturedItem("chunk", first.strip())
+        yield from (CapturedItem("chunk", line.strip()) for line in it if line.strip())
+    else:
+        yield from _read_sse(_chain(first, it))
+
+
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def _read_sse(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
+    event, data = b"", []
+    for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield _sse_item(event, b"\n".join(data))
+            event, data = b"", []
+            continue
+        if line.startswith(b":"):
+            continue
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            event = value
+    if data:
+        yield _sse_item(event, b"\n".join(data))
+
+
+def _sse_item(event: bytes, data: bytes) -> CapturedItem:
+    if event == b"error":
+        return CapturedItem("error", data)
+    if data.strip() == b"[DONE]":
+        return CapturedItem("done")
+    return CapturedItem("chunk", data)

@@ -1,0 +1,158 @@
+"""The wire contract between producers, workers, backends and analytics, defined once.
+
+A request's chunk stream holds *envelopes*, flat Redis stream entries::
+
+    k=start  att=<n> ts=<ms> d=<json {"meta": {...}, "mode": "auto|incremental|cumulative"}>
+    k=chunk  att=<n> ts=<ms> seq=<n> d=<the raw chunk payload, byte for byte as received>
+    k=end    att=<n> ts=<ms>
+    k=error  att=<n> ts=<ms> d=<json {"message": ..., "type": ..., "status": ..., "code": ...}>
+
+``att`` is the upstream attempt: a retry after chunks were pushed starts attempt n+1, and a worker assembles
+only the latest attempt. ``seq`` numbers chunks within an attempt from 0; a repeated (att, seq) is a
+duplicate from a producer retry and is dropped.
+
+The control stream gets one entry per request, ``rid=<request id> ts=<ms>``, written in the same
+transaction as the start envelope. Workers publish result records and usage events as ``d=<json>``
+entries (with ``rid``), shaped by ``ResultRecord`` and ``UsageEvent`` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict, cast, get_args
+
+import orjson
+
+from streamfold.errors import ContractError
+
+Kind = Literal["start", "chunk", "end", "error"]
+Mode = Literal["auto", "incremental", "cumulative"]
+Status = Literal["completed", "incomplete", "failed"]
+MODES: tuple[str, ...] = get_args(Mode)
+KINDS: tuple[str, ...] = get_args(Kind)
+
+Fields = dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One decoded entry of a request's chunk stream."""
+
+    kind: Kind
+    attempt: int
+    ts_ms: int
+    seq: int = -1
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """What a start envelope carries: request metadata and the output mode of the upstream."""
+
+    meta: dict[str, Any]
+    mode: Mode
+
+
+class ErrorInfo(TypedDict, total=False):
+    message: str
+    type: str
+    status: int | None
+    code: str | None
+
+
+class ResultRecord(TypedDict):
+    """One per request. ``completion`` is exactly what the non-streaming call would have returned."""
+
+    request_id: str
+    status: Status
+    completion: dict[str, Any]
+    error: ErrorInfo | None
+    warnings: list[str]
+    metrics: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class UsageEvent(TypedDict):
+    """One per request, for analytics. Token counts are the upstream's own, never recomputed."""
+
+    request_id: str
+    status: Status
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    usage: dict[str, Any] | None
+    latency_ms: float | None
+    chunks: int
+    error_type: str | None
+    meta: dict[str, Any]
+    finished_at_ms: int
+
+
+# --- envelopes ------------------------------------------------------------------------------------------
+
+def encode_start(meta: dict[str, Any], mode: Mode, *, attempt: int, ts_ms: int) -> dict[str, bytes]:
+    if mode not in MODES:
+        raise ContractError(f"unknown output mode {mode!r}; expected one of {', '.join(MODES)}")
+    return {"k": b"start", "att": b"%d" % attempt, "ts": b"%d" % ts_ms,
+            "d": orjson.dumps({"meta": meta, "mode": mode})}
+
+
+def encode_chunk(raw: bytes, *, seq: int, attempt: int, ts_ms: int) -> dict[str, bytes]:
+    return {"k": b"chunk", "att": b"%d" % attempt, "ts": b"%d" % ts_ms, "seq": b"%d" % seq, "d": raw}
+
+
+def encode_end(*, attempt: int, ts_ms: int) -> dict[str, bytes]:
+    return {"k": b"end", "att": b"%d" % attempt, "ts": b"%d" % ts_ms}
+
+
+def encode_error(error: ErrorInfo, *, attempt: int, ts_ms: int) -> dict[str, bytes]:
+    return {"k": b"error", "att": b"%d" % attempt, "ts": b"%d" % ts_ms, "d": orjson.dumps(error)}
+
+
+def decode_envelope(fields: Fields) -> Envelope:
+    """Decode one chunk-stream entry; raises ContractError for anything that is not an envelope."""
+    try:
+        kind = fields[b"k"].decode()
+        attempt = int(fields[b"att"])
+        ts_ms = int(fields[b"ts"])
+        seq = int(fields[b"seq"]) if kind == "chunk" else -1
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise ContractError(f"not an envelope: {fields!r:.200}") from exc
+    if kind not in KINDS:
+        raise ContractError(f"unknown envelope kind {kind!r}")
+    return Envelope(cast(Kind, kind), attempt, ts_ms, seq, fields.get(b"d", b""))
+
+
+def decode_start(envelope: Envelope) -> Start:
+    body = _load_object(envelope.payload, "start envelope")
+    meta, mode = body.get("meta") or {}, body.get("mode", "auto")
+    if not isinstance(meta, dict) or mode not in MODES:
+        raise ContractError(f"bad start envelope: {body!r:.200}")
+    return Start(meta, cast(Mode, mode))
+
+
+def decode_error(envelope: Envelope) -> ErrorInfo:
+    body = _load_object(envelope.payload, "error envelope")
+    return ErrorInfo(message=str(body.get("message", "upstream error")), type=str(body.get("type", "upstream_error")),
+                     status=body.get("status"), code=body.get("code"))
+
+
+# --- records --------------------------------------------------------------------------------------------
+
+def encode_record(record: ResultRecord | UsageEvent | dict[str, Any]) -> bytes:
+    return orjson.dumps(record)
+
+
+def decode_record(raw: bytes | str) -> dict[str, Any]:
+    return _load_object(raw, "record")
+
+
+def _load_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ContractError(f"{what} is not JSON: {raw!r:.200}") from exc
+    if not isinstance(body, dict):
+        raise ContractError(f"{what} is not a JSON object: {raw!r:.200}")
+    return body

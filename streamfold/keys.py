@@ -1,0 +1,79 @@
+"""Every Redis key, stream and channel name Streamfold uses, and nothing else.
+
+Layout, for a namespace ``ns`` and a shard tag ``{sNN}``::
+
+    ns:in:{sNN}:requests          control stream; one entry per request, read by the worker group
+    ns:in:{sNN}:chunks:<rid>      one request's envelopes, in order (start, chunks, end or error)
+    ns:in:{sNN}:cancel:<rid>      set by a backend to cancel a request
+    ns:out:{sNN}:results          result records, in finish order
+    ns:out:{sNN}:result:<rid>     one result record, for lookup, with a TTL
+    ns:out:{sNN}:done:<rid>       finish marker: the first finisher wins, later ones are no-ops
+    ns:out:{sNN}:dead             dead letters: chunks the assembler rejected, with the reason
+    ns:usage:{sNN}:events         usage events for analytics
+    ns:out:notify:<rid>           pub/sub channel announcing that <rid> has a result
+
+Why this shape:
+- Redis Cluster: everything one finish touches carries the same ``{sNN}`` hash tag, so the finish script,
+  the producer's start transaction and a worker's multi-stream reads stay in one slot. A request's shard is
+  a stable hash of its id; ``shards`` spreads load across cluster nodes.
+- Least privilege: producers write only ``ns:in:*``, analytics read only ``ns:usage:*``, backends read
+  ``ns:out:*``; workers read ``ns:in:*`` and write ``ns:out:*`` and ``ns:usage:*``.
+- Two namespaces on one Redis share no key.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+def shard_of(request_id: str, shards: int) -> int:
+    """The shard a request lives in: a stable hash, the same in every process and language."""
+    return zlib.crc32(request_id.encode()) % shards
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names of one namespace; build once from settings and pass around."""
+
+    namespace: str = "streamfold"
+    shards: int = 1
+
+    def tag(self, shard: int) -> str:
+        return f"{{s{shard:02d}}}"
+
+    def shard_ids(self) -> range:
+        return range(self.shards)
+
+    def shard(self, request_id: str) -> int:
+        return shard_of(request_id, self.shards)
+
+    # --- producer side (ns:in:*) -------------------------------------------------------------------
+    def requests(self, shard: int) -> str:
+        return f"{self.namespace}:in:{self.tag(shard)}:requests"
+
+    def chunks(self, request_id: str) -> str:
+        return f"{self.namespace}:in:{self.tag(self.shard(request_id))}:chunks:{request_id}"
+
+    def cancel(self, request_id: str) -> str:
+        return f"{self.namespace}:in:{self.tag(self.shard(request_id))}:cancel:{request_id}"
+
+    # --- worker output (ns:out:*) --------------------------------------------------------------------
+    def results(self, shard: int) -> str:
+        return f"{self.namespace}:out:{self.tag(shard)}:results"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.namespace}:out:{self.tag(self.shard(request_id))}:result:{request_id}"
+
+    def done(self, request_id: str) -> str:
+        return f"{self.namespace}:out:{self.tag(self.shard(request_id))}:done:{request_id}"
+
+    def dead_letters(self, shard: int) -> str:
+        return f"{self.namespace}:out:{self.tag(shard)}:dead"
+
+    def notify(self, request_id: str) -> str:
+        return f"{self.namespace}:out:notify:{request_id}"
+
+    # --- analytics (ns:usage:*) ----------------------------------------------------------------------
+    def usage(self, shard: int) -> str:
+        return f"{self.namespace}:usage:{self.tag(shard)}:events"
