@@ -2,8 +2,8 @@
 
 Both the worker's ``assemble`` command and the producer's ``replay`` command read captures through here, so
 they agree on what a capture means: each ``data:`` payload is one chunk, byte for byte; ``data: [DONE]``
-ends the stream; ``event: error`` marks its data as an upstream error; comments and other fields are
-skipped. An SSE event's data may span several ``data:`` lines (joined with newlines, as the SSE spec says).
+ends the stream; ``event: error`` marks its data as an upstream error; comments, ``id:`` and ``retry:``
+are skipped; any other line is passed on as a chunk, so that garbage is rejected where chunks are read. An SSE event's data may span several ``data:`` lines (joined with newlines, as the SSE spec says).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _read_sse(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
-    event, data = b"", []
+    event = b""
+    data: list[bytes] = []
     for raw in lines:
         line = raw.rstrip(b"\r\n")
         if not line:
@@ -59,6 +60,9 @@ def _read_sse(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
             data.append(value)
         elif name == b"event":
             event = value
+        elif name not in (b"id", b"retry"):
+            # Not SSE at all: hand it on as a chunk so the reader rejects it with its position.
+            yield CapturedItem("chunk", line)
     if data:
         yield _sse_item(event, b"\n".join(data))
 

@@ -18,6 +18,7 @@ entries (with ``rid``), shaped by ``ResultRecord`` and ``UsageEvent`` below.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, cast, get_args
 
@@ -138,6 +139,36 @@ def decode_error(envelope: Envelope) -> ErrorInfo:
                      status=body.get("status"), code=body.get("code"))
 
 
+def error_info(error: str | Mapping[str, Any] | BaseException) -> ErrorInfo:
+    """Normalise an upstream failure, however a producer holds it, into an error envelope's body.
+
+    A str is the message. A mapping is the body itself or an OpenAI-style ``{"error": {...}}`` wrapper. An
+    exception gives its message and, when it has them, ``type``, ``status``/``status_code`` and ``code``
+    attributes (OpenAI SDK errors, ``UpstreamError``); its class name is the type otherwise.
+    """
+    if isinstance(error, str):
+        body: Mapping[str, Any] = {"message": error}
+    elif isinstance(error, BaseException):
+        body = {"message": str(error) or type(error).__name__,
+                "type": getattr(error, "type", None) or type(error).__name__,
+                "status": getattr(error, "status", None) or getattr(error, "status_code", None),
+                "code": getattr(error, "code", None)}
+    elif isinstance(error, Mapping):
+        inner = error.get("error")
+        if isinstance(inner, Mapping):
+            body = inner
+        elif isinstance(inner, str):
+            body = {**error, "message": error.get("message") or inner}
+        else:
+            body = error
+    else:
+        raise ContractError(f"cannot read an upstream error from {type(error).__name__}")
+    status, code = body.get("status", body.get("status_code")), body.get("code")
+    return ErrorInfo(message=str(body.get("message") or "upstream error"), type=str(body.get("type") or "upstream_error"),
+                     status=status if isinstance(status, int) and not isinstance(status, bool) else None,
+                     code=None if code is None else str(code))
+
+
 # --- records --------------------------------------------------------------------------------------------
 
 def encode_record(record: ResultRecord | UsageEvent | dict[str, Any]) -> bytes:
@@ -156,3 +187,12 @@ def _load_object(raw: bytes | str, what: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ContractError(f"{what} is not a JSON object: {raw!r:.200}")
     return body
+
+
+# --- output stream entries -------------------------------------------------------------------------------
+# results stream:  rid=<request id> d=<ResultRecord json>
+# usage stream:    rid=<request id> d=<UsageEvent json>
+# dead letters:    rid=<request id> entry=<chunk-stream entry id> reason=<text> d=<the rejected raw payload>
+# notify channel:  the message is the record's status, published once when the result becomes readable.
+RID = b"rid"
+DATA = b"d"

@@ -1,0 +1,351 @@
+"""The Assembler: fold a stream of chat.completion.chunk objects into the completion it stands for.
+
+Pure: no I/O, no clock, no logging. Feed it chunks in order, ask it for the result record at any time.
+The rules it follows, quirk by quirk, are in docs/assembly.md.
+
+Each chunk is checked whole before any of it is applied, so a rejected chunk (``ChunkError``) leaves the
+assembler exactly as it was, and a caller can dead-letter that chunk and carry on or stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from streamfold.contract import MODES, ErrorInfo, ResultRecord
+from streamfold.errors import ChunkError
+from worker.choice import ChoiceState, Mode, merge_field
+from worker.chunk_checks import check_choices, check_top_level
+
+_OPEN_BRACE = ("{", b"{")
+_META: dict[str, type] = {"id": str, "model": str, "created": int, "system_fingerprint": str}
+
+
+class Assembler:
+    """Assembles one request's stream. ``mode``: ``auto`` (default), ``incremental`` or ``cumulative``."""
+
+    def __init__(self, mode: Mode = "auto") -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        self.mode: Mode = mode
+        self._fed = 0
+        self._applied = 0
+        self._id: str | None = None
+        self._model: str | None = None
+        self._created: int | None = None
+        self._fingerprint: str | None = None
+        self._service_tier: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._error: ErrorInfo | None = None
+        self._extra: dict[str, Any] = {}
+        self._choices: dict[int, ChoiceState] = {}
+        self._meta_missing = True
+        self._next_is_error = False
+        self.done = False  # saw ``data: [DONE]``
+
+    # --- input -----------------------------------------------------------------------------------------
+
+    def feed(self, chunk: Any) -> None:
+        """Apply one chunk: bytes/str JSON, an SSE line, a dict, or an object with ``model_dump()``."""
+        position = self._fed
+        self._fed += 1
+        kind = type(chunk)
+        if kind is bytes or kind is str:
+            text = chunk
+            if text[:1] not in _OPEN_BRACE:
+                text = self._sse_line(text.strip(), position)
+                if text is None:
+                    return
+            try:
+                obj = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise ChunkError(f"not JSON ({exc}): {_preview(text)}", position) from None
+        elif kind is dict:
+            obj = chunk
+        elif callable(getattr(chunk, "model_dump", None)):
+            obj = chunk.model_dump()
+        else:
+            raise ChunkError(f"expected bytes, str, dict or a model with model_dump(), got {kind.__name__}",
+                             position)
+        if type(obj) is not dict:
+            raise ChunkError(f"expected a JSON object, got {type(obj).__name__}: {_preview(chunk)}", position)
+        if self._next_is_error:
+            self._next_is_error = False
+            self.fail(obj)
+            return
+        self._apply(obj, position)
+
+    def fail(self, error: dict[str, Any] | str) -> None:
+        """Record an upstream error: the result becomes ``failed``, partial output kept."""
+        self._error = normalize_error(error)
+
+    def _sse_line(self, line: str | bytes, position: int) -> str | bytes | None:
+        """The JSON of a ``data:`` line, or None for lines that carry no chunk."""
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        if not text or text.startswith(":"):
+            return None
+        field, _, value = text.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            if value.strip() == "[DONE]":
+                self.done = True
+                return None
+            return value
+        if field == "event":
+            self._next_is_error = value.strip() == "error"
+            return None
+        if field in ("id", "retry"):
+            return None
+        raise ChunkError(f"not JSON and not an SSE line: {_preview(line)}", position)
+
+    def _apply(self, chunk: dict[str, Any], position: int) -> None:
+        # Read and check everything first, mutate after: a rejected chunk must change nothing.
+        choices = usage = error = tier = None
+        extra: list[tuple[str, Any]] | None = None
+        for key, value in chunk.items():
+            if value is None:
+                continue
+            if key == "choices":
+                if type(value) is not list:
+                    check_top_level(chunk, position)
+                choices = value
+            elif key == "usage":
+                if type(value) is not dict:
+                    check_top_level(chunk, position)
+                usage = value
+            elif key in _META:
+                if type(value) is not _META[key]:
+                    check_top_level(chunk, position)
+            elif key == "object":
+                pass
+            elif key == "error":
+                error = value
+                check_top_level(chunk, position)
+            elif key == "service_tier":
+                tier = value
+            else:
+                if extra is None:
+                    extra = []
+                extra.append((key, value))
+        simple = _read_plain_choice(choices[0]) if choices and len(choices) == 1 else None
+        if choices and simple is None:
+            check_choices(choices, position)
+        elif not choices and "choices" not in chunk and usage is None and error is None:
+            check_top_level(chunk, position)
+
+        self._applied += 1
+        if self._meta_missing:
+            self._take_meta(chunk)
+        elif self._fingerprint is None and "system_fingerprint" in chunk:
+            self._fingerprint = chunk["system_fingerprint"] or None
+        if simple is not None:
+            self._apply_plain_choice(*simple)
+        elif choices:
+            states = self._choices
+            for choice in choices:
+                index = choice.get("index") or 0
+                state = states.get(index)
+                if state is None:
+                    state = states[index] = ChoiceState(index)
+                _apply_choice(state, choice)
+        if usage is not None:
+            self._usage = usage
+        if tier is not None:
+            self._service_tier = tier
+        if error is not None:
+            self.fail(error)
+        if extra is not None:
+            for key, value in extra:
+                merge_field(self._extra, key, value)
+
+    def _apply_plain_choice(self, index: int, finish: str | None, content: str | None, role: str | None,
+                            reasoning_content: str | None, reasoning: str | None, refusal: str | None) -> None:
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = ChoiceState(index)
+        if content is not None:
+            state.content.add(content)
+        if role and state.role is None:
+            state.role = role
+        if reasoning_content is not None:
+            state.reasoning_content.add(reasoning_content)
+        if reasoning is not None:
+            state.reasoning.add(reasoning)
+        if refusal is not None:
+            state.refusal.add(refusal)
+        if finish is not None:
+            state.finish_reason = finish
+
+    def _take_meta(self, chunk: dict[str, Any]) -> None:
+        """id, model, created, system_fingerprint: the first non-empty value of each."""
+        if self._id is None:
+            self._id = chunk.get("id") or None
+        if self._model is None:
+            self._model = chunk.get("model") or None
+        if self._created is None:
+            self._created = chunk.get("created") or None
+        if self._fingerprint is None:
+            self._fingerprint = chunk.get("system_fingerprint") or None
+        # Many providers never send a fingerprint: stop looking once the rest is known.
+        self._meta_missing = None in (self._id, self._model, self._created)
+
+    # --- output ----------------------------------------------------------------------------------------
+
+    @property
+    def chunks(self) -> int:
+        """Chunks applied so far."""
+        return self._applied
+
+    def completion(self, warnings: list[str] | None = None) -> dict[str, Any]:
+        """The chat.completion so far, shaped as the non-streaming call would have returned it."""
+        warnings = [] if warnings is None else warnings
+        completion: dict[str, Any] = {"id": self._id or "", "object": "chat.completion",
+                                      "created": self._created or 0, "model": self._model or ""}
+        if self._fingerprint is not None:
+            completion["system_fingerprint"] = self._fingerprint
+        if self._service_tier is not None:
+            completion["service_tier"] = self._service_tier
+        completion["choices"] = [self._choices[index].to_dict(self.mode, warnings)
+                                 for index in sorted(self._choices)]
+        completion["usage"] = self._usage
+        completion.update(self._extra)
+        return completion
+
+    def status(self) -> str:
+        if self._error is not None:
+            return "failed"
+        choices = self._choices.values()
+        if choices and all(choice.finish_reason is not None for choice in choices):
+            return "completed"
+        return "incomplete"
+
+    def result(self, request_id: str = "", meta: dict[str, Any] | None = None) -> ResultRecord:
+        """The result record of the stream so far; call it at the end, or mid-stream for a snapshot."""
+        warnings: list[str] = []
+        completion = self.completion(warnings)
+        return ResultRecord(request_id=request_id, status=self.status(),  # type: ignore[typeddict-item]
+                            completion=completion, error=self._error, warnings=warnings,
+                            metrics={"chunks": self._applied}, meta=dict(meta or {}))
+
+
+def assemble(chunks: Iterable[Any], *, mode: Mode = "auto", request_id: str = "",
+             meta: dict[str, Any] | None = None) -> ResultRecord:
+    """Assemble a whole stream at once; raises ChunkError on the first chunk that cannot be read."""
+    assembler = Assembler(mode)
+    for chunk in chunks:
+        assembler.feed(chunk)
+    return assembler.result(request_id, meta)
+
+
+def normalize_error(error: dict[str, Any] | str) -> ErrorInfo:
+    """An upstream error in the record's shape: message, type, code, status."""
+    if isinstance(error, str):
+        return ErrorInfo(message=error, type="upstream_error", code=None, status=None)
+    inner = error.get("error")
+    if isinstance(inner, dict):
+        error = inner
+    message = error.get("message") or error.get("detail") or orjson.dumps(error).decode()
+    status = error.get("status")
+    code = error.get("code")
+    return ErrorInfo(message=str(message), type=str(error.get("type") or "upstream_error"),
+                     code=None if code is None else str(code),
+                     status=status if isinstance(status, int) else None)
+
+
+PlainChoice = tuple[int, str | None, str | None, str | None, str | None, str | None, str | None]
+
+
+def _read_plain_choice(choice: Any) -> PlainChoice | None:
+    """The common case, read and checked in one pass: a choice whose delta holds only text fields.
+
+    Returns (index, finish_reason, content, role, reasoning_content, reasoning, refusal), or None when the
+    choice needs the general path (tool calls, logprobs, content parts, unknown fields, wrong types).
+    """
+    if type(choice) is not dict:
+        return None
+    index, finish, delta = 0, None, None
+    for key, value in choice.items():
+        if value is None:
+            continue
+        if key == "delta":
+            if type(value) is not dict:
+                return None
+            delta = value
+        elif key == "index":
+            if type(value) is not int:
+                return None
+            index = value
+        elif key == "finish_reason":
+            if type(value) is not str:
+                return None
+            finish = value
+        else:
+            return None
+    content = role = reasoning_content = reasoning = refusal = None
+    if delta:
+        for key, value in delta.items():
+            if value is None:
+                continue
+            if type(value) is not str:
+                return None
+            if key == "content":
+                content = value
+            elif key == "role":
+                role = value
+            elif key == "reasoning_content":
+                reasoning_content = value
+            elif key == "reasoning":
+                reasoning = value
+            elif key == "refusal":
+                refusal = value
+            else:
+                return None
+    return index, finish, content, role, reasoning_content, reasoning, refusal
+
+
+def _apply_choice(state: ChoiceState, choice: dict[str, Any]) -> None:
+    for key, value in choice.items():
+        if value is None:
+            continue
+        if key == "delta":
+            _apply_delta(state, value)
+        elif key == "finish_reason":
+            state.finish_reason = value
+        elif key == "logprobs":
+            state.add_logprobs(value)
+        elif key != "index":
+            merge_field(state.extra, key, value)
+
+
+def _apply_delta(state: ChoiceState, delta: dict[str, Any]) -> None:
+    for key, value in delta.items():
+        if value is None:
+            continue
+        if key == "content":
+            if type(value) is str:
+                state.content.add(value)
+            else:
+                state.add_content_parts(value)
+        elif key == "reasoning_content":
+            state.reasoning_content.add(value)
+        elif key == "role":
+            if state.role is None and value:
+                state.role = value
+        elif key == "tool_calls":
+            for fragment in value:
+                state.add_tool_call(fragment)
+        elif key == "refusal":
+            state.refusal.add(value)
+        elif key == "reasoning":
+            state.reasoning.add(value)
+        elif key == "function_call":
+            state.add_function_call(value)
+        elif key != "index":
+            merge_field(state.message_extra, key, value)
+
+
+def _preview(value: Any, limit: int = 120) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."

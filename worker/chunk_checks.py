@@ -1,0 +1,145 @@
+"""Type checks for one chat.completion.chunk, run before any of it is applied.
+
+Checking first and applying second is what lets a rejected chunk leave the Assembler untouched. The checks
+cover exactly the fields the Assembler reads; unknown fields are kept as they are and never checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+from streamfold.errors import ChunkError
+
+_STR_OR_NONE = (str, type(None))
+_DELTA_TEXT = ("role", "refusal", "reasoning_content", "reasoning")
+_DELTA_FIELDS = frozenset(("content", "tool_calls", "function_call", *_DELTA_TEXT))
+_NOT_STR = {"tool_calls": "a list", "function_call": "an object"}
+
+
+def check_top_level(chunk: dict[str, Any], position: int) -> None:
+    """Check the fields of a chunk outside its choices."""
+    if "choices" not in chunk and "usage" not in chunk and "error" not in chunk:
+        raise ChunkError("not a chat.completion.chunk: it has no choices, usage or error", position)
+    choices = chunk.get("choices")
+    if choices is not None and type(choices) is not list:
+        _fail(position, "choices", "a list", choices)
+    for key in ("id", "model", "system_fingerprint"):
+        value = chunk.get(key)
+        if value is not None and type(value) is not str:
+            _fail(position, key, "a string", value)
+    created = chunk.get("created")
+    if created is not None and type(created) is not int:
+        _fail(position, "created", "an integer", created)
+    usage = chunk.get("usage")
+    if usage is not None and type(usage) is not dict:
+        _fail(position, "usage", "an object", usage)
+    error = chunk.get("error")
+    if error is not None and not isinstance(error, (dict, str)):
+        _fail(position, "error", "an object or a string", error)
+
+
+def check_choices(choices: list[Any], position: int) -> None:
+    """Check every choice of a chunk; the common shapes cost one pass over a few keys."""
+    for number, choice in enumerate(choices):
+        if type(choice) is not dict:
+            _fail(position, f"choices[{number}]", "an object", choice)
+        for key, value in choice.items():
+            if value is None:
+                continue
+            if key == "delta":
+                if type(value) is not dict:
+                    _fail(position, f"choices[{number}].delta", "an object", value)
+                for field, item in value.items():
+                    if item is None:
+                        continue
+                    if type(item) is str:
+                        if field in _NOT_STR:
+                            _fail(position, f"choices[{number}].delta.{field}", _NOT_STR[field], item)
+                    elif field in _DELTA_FIELDS:
+                        _check_delta(value, position, f"choices[{number}].delta")
+                        break
+            elif key == "index":
+                if type(value) is not int:
+                    _fail(position, f"choices[{number}].index", "an integer", value)
+            elif key == "finish_reason":
+                if type(value) is not str:
+                    _fail(position, f"choices[{number}].finish_reason", "a string", value)
+            elif key == "logprobs":
+                _check_logprobs(value, position, f"choices[{number}].logprobs")
+
+
+def _check_logprobs(logprobs: Any, position: int, where: str) -> None:
+    if type(logprobs) is not dict:
+        _fail(position, where, "an object", logprobs)
+    for key in ("content", "refusal"):
+        value = logprobs.get(key)
+        if value is not None and type(value) is not list:
+            _fail(position, f"{where}.{key}", "a list", value)
+
+
+def _check_delta(delta: dict[str, Any], position: int, where: str) -> None:
+    content = delta.get("content")
+    if content is not None and type(content) is not str:
+        if type(content) is not list:
+            _fail(position, f"{where}.content", "a string or a list of parts", content)
+        for number, part in enumerate(content):
+            _check_part(part, position, f"{where}.content[{number}]")
+    for key in _DELTA_TEXT:
+        value = delta.get(key)
+        if value is not None and type(value) is not str:
+            _fail(position, f"{where}.{key}", "a string", value)
+    tool_calls = delta.get("tool_calls")
+    if tool_calls is not None:
+        if type(tool_calls) is not list:
+            _fail(position, f"{where}.tool_calls", "a list", tool_calls)
+        for number, fragment in enumerate(tool_calls):
+            _check_tool_call(fragment, position, f"{where}.tool_calls[{number}]")
+    function_call = delta.get("function_call")
+    if function_call is not None:
+        if type(function_call) is not dict:
+            _fail(position, f"{where}.function_call", "an object", function_call)
+        for key in ("name", "arguments"):
+            if not isinstance(function_call.get(key), _STR_OR_NONE):
+                _fail(position, f"{where}.function_call.{key}", "a string", function_call.get(key))
+
+
+def _check_part(part: Any, position: int, where: str) -> None:
+    if type(part) is not dict:
+        _fail(position, where, "an object", part)
+    kind = part.get("type")
+    if kind == "text" and not isinstance(part.get("text"), _STR_OR_NONE):
+        _fail(position, f"{where}.text", "a string", part.get("text"))
+    if kind == "thinking":
+        thinking = part.get("thinking")
+        if isinstance(thinking, list):
+            for number, inner in enumerate(thinking):
+                if type(inner) is not dict or not isinstance(inner.get("text"), _STR_OR_NONE):
+                    _fail(position, f"{where}.thinking[{number}]", "a text part", inner)
+        elif not isinstance(thinking, _STR_OR_NONE):
+            _fail(position, f"{where}.thinking", "a string or a list of parts", thinking)
+
+
+def _check_tool_call(fragment: Any, position: int, where: str) -> None:
+    if type(fragment) is not dict:
+        _fail(position, where, "an object", fragment)
+    index = fragment.get("index")
+    if index is not None and type(index) is not int:
+        _fail(position, f"{where}.index", "an integer", index)
+    for key in ("id", "type"):
+        if not isinstance(fragment.get(key), _STR_OR_NONE):
+            _fail(position, f"{where}.{key}", "a string", fragment.get(key))
+    function = fragment.get("function")
+    if function is not None:
+        if type(function) is not dict:
+            _fail(position, f"{where}.function", "an object", function)
+        if not isinstance(function.get("name"), _STR_OR_NONE):
+            _fail(position, f"{where}.function.name", "a string", function.get("name"))
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, (str, dict, list)):
+            _fail(position, f"{where}.function.arguments", "a string or an object", arguments)
+
+
+def _fail(position: int, field: str, expected: str, value: Any) -> NoReturn:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:80] + "..."
+    raise ChunkError(f"{field} must be {expected}, got {type(value).__name__} {shown}", position)
