@@ -65,7 +65,7 @@ class Assembler:
         elif kind is dict:
             obj = chunk
         elif callable(getattr(chunk, "model_dump", None)):
-            obj = chunk.model_dump()
+            obj = _dump_model(chunk)
         else:
             raise ChunkError(f"expected bytes, str, dict or a model with model_dump(), got {kind.__name__}",
                              position)
@@ -344,6 +344,15 @@ def _apply_delta(state: ChoiceState, delta: dict[str, Any]) -> None:
             state.add_function_call(value)
         elif key != "index":
             merge_field(state.message_extra, key, value)
+
+
+def _dump_model(chunk: Any) -> Any:
+    """A pydantic model (an SDK chunk) as a dict. Providers' extra fields do not fit the SDK's types, and
+    pydantic warns about each such field while serialising; the values themselves come out unchanged."""
+    try:
+        return chunk.model_dump(warnings=False)
+    except TypeError:  # a model_dump() that is not pydantic's
+        return chunk.model_dump()
 
 
 def _preview(value: Any, limit: int = 120) -> str:
