@@ -347,10 +347,14 @@ def _apply_delta(state: ChoiceState, delta: dict[str, Any]) -> None:
 
 
 def _dump_model(chunk: Any) -> Any:
-    """A pydantic model (an SDK chunk) as a dict. Providers' extra fields do not fit the SDK's types, and
-    pydantic warns about each such field while serialising; the values themselves come out unchanged."""
+    """A pydantic model (an SDK chunk) as the dict it was built from.
+
+    Only the fields the provider sent (``exclude_unset``): the SDK would otherwise add every field it knows
+    as null, e.g. inside ``usage``, which must stay verbatim. Providers' extra fields do not fit the SDK's
+    types and pydantic warns about each while serialising; the values themselves come out unchanged.
+    """
     try:
-        return chunk.model_dump(warnings=False)
+        return chunk.model_dump(exclude_unset=True, warnings=False)
     except TypeError:  # a model_dump() that is not pydantic's
         return chunk.model_dump()
 
