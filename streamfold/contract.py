@@ -74,7 +74,12 @@ class ResultRecord(TypedDict):
 
 
 class UsageEvent(TypedDict):
-    """One per request, for analytics. Token counts are the upstream's own, never recomputed."""
+    """One per request, for analytics. Token counts are the upstream's own, never recomputed.
+
+    Times come from the producer's envelope timestamps: ``latency_ms`` from the start envelope to the end or
+    error envelope, ``ttft_ms`` from the start to the first chunk of the attempt assembled; None when the
+    stream never got that far.
+    """
 
     request_id: str
     status: Status
@@ -84,6 +89,7 @@ class UsageEvent(TypedDict):
     total_tokens: int | None
     usage: dict[str, Any] | None
     latency_ms: float | None
+    ttft_ms: float | None
     chunks: int
     error_type: str | None
     meta: dict[str, Any]
@@ -164,7 +170,8 @@ def error_info(error: str | Mapping[str, Any] | BaseException) -> ErrorInfo:
     else:
         raise ContractError(f"cannot read an upstream error from {type(error).__name__}")
     status, code = body.get("status", body.get("status_code")), body.get("code")
-    return ErrorInfo(message=str(body.get("message") or "upstream error"), type=str(body.get("type") or "upstream_error"),
+    return ErrorInfo(message=str(body.get("message") or "upstream error"),
+                     type=str(body.get("type") or "upstream_error"),
                      status=status if isinstance(status, int) and not isinstance(status, bool) else None,
                      code=None if code is None else str(code))
 

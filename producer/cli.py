@@ -1,0 +1,264 @@
+"""``python -m producer``: enqueue LLM calls and run their rq worker, look up and follow results, read usage
+events, replay captures, run a mock upstream.
+
+Arguments are parsed here and handed to the library; settings are read once, from ``STREAMFOLD_*``. Every
+error Streamfold raises on purpose ends the command with one line on stderr: exit 2 for settings or usage
+that cannot work, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+import redis
+from pydantic import ValidationError
+
+from producer.publisher import Publisher
+from producer.replay import replay
+from producer.results import UsageReader, environment_settings, follow_results, get_result, wait_for_result
+from streamfold.connection import connect
+from streamfold.contract import MODES
+from streamfold.errors import ConfigError, StreamfoldError
+from streamfold.settings import Settings
+
+PROG = "python -m producer"
+Command = Callable[[argparse.Namespace, Settings], int]
+
+_CONNECTION = ("redis_url", "namespace", "shards", "socket_timeout")
+_READING = (*_CONNECTION, "block_ms", "read_count")
+_ENQUEUING = (*_CONNECTION, "queue", "job_timeout")
+_WORKING = (*_ENQUEUING, "upstream_connect_timeout", "upstream_read_timeout", "upstream_retries",
+            "upstream_backoff", "upstream_backoff_max", "cancel_ttl")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mock-upstream"]:
+        return _guarded(lambda: _mock_upstream(argv[1:]), quiet_interrupt=True)
+    args = build_parser().parse_args(argv)
+    try:
+        settings = environment_settings()
+    except ValidationError as exc:
+        return _fail(f"invalid settings: {_one_line(exc)}", 2)
+    except ConfigError as exc:
+        return _fail(f"invalid settings: {exc}", 2)
+    command: Command = args.command
+    return _guarded(lambda: command(args, settings), quiet_interrupt=args.follows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=("Streamfold producer tools: LLM calls through rq, results, usage events, replays, "
+                                "a mock upstream."))
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    result = _command(commands, "result", _result, _CONNECTION, "print one request's result record",
+                      "Print one request's result record as a JSON line; exit 1 when it has none.")
+    result.add_argument("request_id", metavar="REQUEST_ID")
+    result.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="wait up to SECONDS for the result to be published (woken by pub/sub, no polling)")
+
+    results = _command(commands, "results", _results, _READING, "print result records as they are published",
+                       "Print result records from every shard's results stream, one JSON line each: with "
+                       "--from-start every record still stored, with --follow each new one as it is published.")
+    _reading_options(results, what="result")
+
+    usage = _command(commands, "usage", _usage, _READING, "print usage events through a consumer group",
+                     "Print usage events as JSON lines through a consumer group of their own; each event is "
+                     "acknowledged after it is printed, and a restart first re-delivers what was not.")
+    _reading_options(usage, what="event")
+    usage.add_argument("--group", default="analytics", metavar="NAME",
+                       help="consumer group: every group sees every event once (default: analytics)")
+    usage.add_argument("--consumer", default="reader", metavar="NAME",
+                       help="consumer name within the group; keep it stable across restarts (default: reader)")
+
+    play = _command(commands, "replay", _replay, _CONNECTION, "push captured streams as new requests",
+                    "Push captured streams (JSON Lines or SSE text) as new requests, exactly as a producer "
+                    "would, and print one request id per line in input order.")
+    play.add_argument("files", nargs="+", metavar="FILE", help="a capture file; - reads one from stdin")
+    play.add_argument("--copies", type=_positive(int), default=1, metavar="N", help="requests per file (default: 1)")
+    play.add_argument("--rate", type=_positive(float), metavar="CHUNKS_PER_S",
+                      help="pace pushes at this many chunks per second overall (default: as fast as possible)")
+    play.add_argument("--mode", choices=MODES, default="auto", help="output mode told to workers (default: auto)")
+
+    enqueue = _command(commands, "enqueue", _enqueue, _ENQUEUING, "enqueue a chat completion as an rq job",
+                       "Enqueue one streamed chat completion for a job runner (`python -m producer work` or "
+                       "`rq worker`) and print its request id; with --wait, print its result record instead. "
+                       "Upstreams are named in STREAMFOLD_UPSTREAMS.")
+    enqueue.add_argument("--model", required=True, metavar="MODEL")
+    enqueue.add_argument("--message", required=True, action="append", metavar="TEXT",
+                         help="a user message; repeat for several")
+    enqueue.add_argument("--upstream", default="default", metavar="NAME", help="upstream to call (default: default)")
+    enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for the result")
+
+    work = _command(commands, "work", _work, _WORKING, "run an rq worker for chat completion jobs",
+                    "Run an rq worker on the STREAMFOLD_QUEUE queue: it calls the upstreams named in "
+                    "STREAMFOLD_UPSTREAMS, reading API keys from the environment variables they name, and "
+                    "pushes what they stream. `rq worker --url URL QUEUE` runs the same jobs.")
+    work.add_argument("--burst", action="store_true", help="stop once the queue is empty")
+    work.add_argument("--name", metavar="NAME", help="worker name (default: rq picks one)")
+    work.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                      help="log level (default: INFO)")
+
+    commands.add_parser("mock-upstream", add_help=False,
+                        help="serve an OpenAI-compatible mock upstream (see: mock-upstream --help)")
+    return parser
+
+
+def _command(commands: Any, name: str, run: Command, settings: Sequence[str], summary: str,
+             description: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=summary, description=textwrap.fill(description, 100),
+        epilog=_settings_epilog(settings), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(command=run, follows=False)
+    return parser
+
+
+def _reading_options(parser: argparse.ArgumentParser, *, what: str) -> None:
+    parser.add_argument("--follow", action="store_true", dest="follows",
+                        help=f"keep waiting for new {what}s (Ctrl-C stops)")
+    parser.add_argument("--from-start", action="store_true",
+                        help=f"begin with the oldest {what} still stored rather than the next new one")
+
+
+def _settings_epilog(names: Sequence[str]) -> str:
+    fields = Settings.model_fields
+    lines = ["settings (environment):"]
+    for name in names:
+        field = fields[name]
+        lines.append(f"  STREAMFOLD_{name.upper():<16} {field.description} (default: {field.default})")
+    return "\n".join(lines)
+
+
+# --- commands -------------------------------------------------------------------------------------------
+
+def _result(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(settings) as client:
+        if args.wait is None:
+            record = get_result(client, settings.keys, args.request_id)
+        else:
+            record = wait_for_result(args.request_id, args.wait, client=client, settings=settings)
+    if record is None:
+        return _fail(f"no result for {args.request_id}", 1)
+    _emit(record)
+    return 0
+
+
+def _results(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(settings) as client:
+        for record in follow_results(client, settings.keys, from_start=args.from_start, follow=args.follows,
+                                     block_ms=settings.block_ms, count=settings.read_count):
+            _emit(record)
+    return 0
+
+
+def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(settings) as client:
+        reader = UsageReader(client, settings.keys, group=args.group, consumer=args.consumer,
+                             from_start=args.from_start, count=settings.read_count)
+        reader.consume(_emit, follow=args.follows, block_ms=settings.block_ms)
+    return 0
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(settings) as client, Publisher(client, settings.keys) as publisher:
+        request_ids = replay(publisher, args.files, copies=args.copies, rate=args.rate, mode=args.mode)
+    sys.stdout.write("".join(f"{request_id}\n" for request_id in request_ids))
+    sys.stdout.flush()
+    return 0
+
+
+def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here: rq and httpx load only for the commands that need them.
+    from producer.jobs import enqueue_chat_completion
+    params = {"model": args.model, "messages": [{"role": "user", "content": text} for text in args.message]}
+    with connect(settings) as client:
+        request_id = enqueue_chat_completion(params, upstream=args.upstream, client=client, settings=settings)
+        if args.wait is None:
+            print(request_id, flush=True)
+            return 0
+        record = wait_for_result(request_id, args.wait, client=client, settings=settings)
+    _emit(record)
+    return 0
+
+
+def _work(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.work import run_worker
+    run_worker(settings, burst=args.burst, name=args.name, log_level=args.log_level)
+    return 0
+
+
+def _mock_upstream(argv: Sequence[str]) -> int:
+    try:
+        # Imported only here: the other commands work without the mock upstream and its dependencies.
+        module = importlib.import_module("producer.mock_upstream")
+    except ModuleNotFoundError as exc:
+        if exc.name != "producer.mock_upstream":
+            raise
+        return _fail("mock-upstream is not available in this installation", 2)
+    parser = argparse.ArgumentParser(prog=f"{PROG} mock-upstream", description=(module.__doc__ or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv)))
+
+
+# --- plumbing -------------------------------------------------------------------------------------------
+
+def _guarded(run: Callable[[], int], *, quiet_interrupt: bool) -> int:
+    """Run a command, turning the errors a user can act on into one line on stderr."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        return 0 if quiet_interrupt else 130
+    except BrokenPipeError:
+        # The reader of stdout went away (``| head``); send what is left to nowhere instead of failing on exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    except StreamfoldError as exc:
+        return _fail(str(exc), 1)
+    except redis.RedisError as exc:
+        return _fail(f"Redis refused: {exc}", 1)
+    except OSError as exc:
+        return _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), 1)
+
+
+def _emit(record: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed at once so a pipe sees each record as it comes."""
+    out = sys.stdout.buffer
+    out.write(orjson.dumps(record) + b"\n")
+    out.flush()
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _one_line(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = f"STREAMFOLD_{str(error['loc'][0]).upper()}: " if error["loc"] else ""
+        problems.append(where + error["msg"])
+    return "; ".join(problems)
+
+
+def _positive(kind: Callable[[str], int | float]) -> Callable[[str], Any]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+    return parse

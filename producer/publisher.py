@@ -1,0 +1,240 @@
+"""Push a request's raw upstream chunks onto Redis Streams, framed as the wire contract's envelopes.
+
+A request is handed to workers iff its start exists: ``start`` writes the start envelope and the control
+stream entry in one MULTI/EXEC on the request's shard slot, so a worker never claims a request without a
+start, and a start is never left without a claimable control entry. Chunks, end and error markers are
+buffered in a pipeline and sent in batches; the chunk stream keeps them in the order they were pushed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, cast
+
+import orjson
+import redis
+from redis.typing import EncodableT, FieldT
+
+from streamfold import contract
+from streamfold.contract import Mode
+from streamfold.errors import ContractError, RedisUnavailable
+from streamfold.keys import Keys
+
+MAX_REQUEST_ID_LENGTH = 200
+DEFAULT_BATCH_SIZE = 500
+_WHITESPACE = re.compile(r"\s")
+
+
+def new_request_id() -> str:
+    """A fresh request id: a uuid4 in hex, safe in key names and unique without coordination."""
+    return uuid.uuid4().hex
+
+
+def validate_request_id(request_id: str) -> str:
+    """Return ``request_id`` if it can name a request's keys; raise ContractError saying why not otherwise."""
+    if not isinstance(request_id, str) or not request_id:
+        raise ContractError(f"request id must be a non-empty string, got {request_id!r:.80}")
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise ContractError(f"request id is {len(request_id)} characters long; at most {MAX_REQUEST_ID_LENGTH} allowed")
+    if _WHITESPACE.search(request_id):
+        raise ContractError(f"request id must not contain whitespace: {request_id!r}")
+    return request_id
+
+
+def raw_payload(chunk: object) -> bytes:
+    """The bytes a chunk is stored as: bytes as they are, str as UTF-8, a dict or a pydantic model as JSON.
+
+    OpenAI SDK chunks are dumped with ``exclude_unset``, which gives back the object the upstream sent,
+    extra provider fields included, rather than one padded with ``null`` for every field it lacked.
+    """
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, (bytearray, memoryview)):
+        return bytes(chunk)
+    if isinstance(chunk, str):
+        return chunk.encode()
+    try:
+        if isinstance(chunk, dict):
+            return orjson.dumps(chunk)
+        dump_json = getattr(chunk, "model_dump_json", None)
+        if callable(dump_json):
+            text = dump_json(exclude_unset=True, by_alias=True)
+            return text.encode() if isinstance(text, str) else bytes(text)
+        dump = getattr(chunk, "model_dump", None)
+        if callable(dump):
+            return orjson.dumps(dump(mode="json", exclude_unset=True, by_alias=True))
+    except (TypeError, ValueError) as exc:
+        raise ContractError(f"cannot serialise a {type(chunk).__name__} chunk: {exc}") from exc
+    raise ContractError(f"cannot push a {type(chunk).__name__} as a chunk; "
+                        "expected bytes, str, dict or a model with model_dump_json()")
+
+
+@contextmanager
+def redis_errors(action: str) -> Iterator[None]:
+    """Translate redis-py failures into RedisUnavailable, naming what was being done."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise RedisUnavailable(f"Redis unavailable while {action}: {exc}") from exc
+    except redis.RedisError as exc:
+        # READONLY after a failover, OOM, LOADING, NOPERM...: Redis answers, but cannot serve this now.
+        raise RedisUnavailable(f"Redis answered with an error while {action}: {exc}") from exc
+
+
+def _counter(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ContractError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _entry(fields: dict[str, bytes]) -> dict[FieldT, EncodableT]:
+    # redis-py types stream fields as an invariant dict of unions; the envelope's dict is one of those.
+    return cast("dict[FieldT, EncodableT]", fields)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Progress:
+    """What this publisher knows of one open request: its current attempt and the next seq per attempt."""
+
+    attempt: int = 0
+    next_seq: dict[int, int] = field(default_factory=dict)
+
+
+class Publisher:
+    """Writes requests onto Redis Streams: ``start``, then ``push`` each raw chunk, then ``end`` or ``fail``.
+
+    Entries are buffered in a pipeline and sent when ``batch_size`` of them are waiting, on ``end``/``fail``/
+    ``flush`` and on ``close`` (or leaving a ``with`` block); ``batch_size=1`` sends every push at once, which
+    is what a producer streaming live from an upstream wants. Not thread-safe: use one per thread.
+
+    If a send fails with RedisUnavailable, the entries it carried may or may not have been written. Retry
+    the request as a new attempt (``new_attempt``): workers assemble only the latest attempt.
+
+    The client must return bytes (``decode_responses=False``, as ``streamfold.connection.connect`` builds it).
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self._client = client
+        self._keys = keys
+        self._batch_size = batch_size
+        self._pipe = client.pipeline(transaction=False)
+        self._buffered = 0
+        self._requests: dict[str, _Progress] = {}
+
+    @property
+    def buffered(self) -> int:
+        """Entries waiting to be sent."""
+        return self._buffered
+
+    def start(self, request_id: str, meta: Mapping[str, Any] | None = None, mode: Mode = "auto") -> None:
+        """Open a request: its start envelope and its control entry, in one MULTI/EXEC."""
+        validate_request_id(request_id)
+        if meta is not None and not isinstance(meta, Mapping):
+            raise ContractError(f"request meta must be a mapping, got {type(meta).__name__}")
+        try:
+            start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms())
+        except TypeError as exc:
+            raise ContractError(f"request meta is not JSON-serialisable: {exc}") from exc
+        shard = self._keys.shard(request_id)
+        # One transaction on one slot (both keys carry the shard tag): a worker that sees the control entry
+        # always finds the start, and no start exists that no worker will be handed.
+        with redis_errors(f"starting request {request_id}"), self._client.pipeline(transaction=True) as tx:
+            tx.xadd(self._keys.chunks(request_id), _entry(start))
+            tx.xadd(self._keys.requests(shard), {"rid": request_id.encode(), "ts": start["ts"]})
+            tx.execute()
+        self._requests[request_id] = _Progress()
+
+    def push(self, request_id: str, chunk: object, *, attempt: int | None = None, seq: int | None = None) -> int:
+        """Append one raw chunk and return its seq; ``attempt`` defaults to the request's current attempt.
+
+        ``seq`` counts from 0 within each attempt when not given. Pushing a (attempt, seq) again is harmless:
+        workers drop the duplicate.
+        """
+        raw = raw_payload(chunk)
+        progress = self._progress(request_id)
+        attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
+        if seq is None:
+            seq = progress.next_seq.get(attempt, 0)
+        _counter("seq", seq)
+        progress.next_seq[attempt] = max(progress.next_seq.get(attempt, 0), seq + 1)
+        self._buffer(request_id, contract.encode_chunk(raw, seq=seq, attempt=attempt, ts_ms=_now_ms()))
+        if self._buffered >= self._batch_size:
+            self.flush()
+        return seq
+
+    def end(self, request_id: str, *, attempt: int | None = None) -> None:
+        """Close a request that the upstream finished; sends everything buffered."""
+        progress = self._progress(request_id)
+        attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
+        self._buffer(request_id, contract.encode_end(attempt=attempt, ts_ms=_now_ms()))
+        del self._requests[request_id]
+        self.flush()
+
+    def fail(self, request_id: str, error: str | Mapping[str, Any] | BaseException, *,
+             attempt: int | None = None) -> None:
+        """Close a request with an upstream error (message, error body or exception); sends everything buffered."""
+        info = contract.error_info(error)
+        progress = self._progress(request_id)
+        attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
+        self._buffer(request_id, contract.encode_error(info, attempt=attempt, ts_ms=_now_ms()))
+        del self._requests[request_id]
+        self.flush()
+
+    def new_attempt(self, request_id: str) -> int:
+        """Start over after chunks were pushed (an upstream retry) and return the new attempt number.
+
+        The number follows both what this publisher wrote and what the chunk stream already holds, so a
+        retry in another process (a re-run job) still supersedes every earlier attempt.
+        """
+        progress = self._progress(request_id)
+        with redis_errors(f"reading request {request_id}"):
+            last = self._client.xrevrange(self._keys.chunks(request_id), count=1)
+        fields = last[0][1] if last else None
+        in_stream = int(fields.get(b"att", b"0")) if fields else 0
+        progress.attempt = max(progress.attempt, in_stream) + 1
+        return progress.attempt
+
+    def flush(self) -> None:
+        """Send every buffered entry, in order."""
+        if not self._buffered:
+            return
+        count, self._buffered = self._buffered, 0
+        with redis_errors(f"sending {count} buffered entries"):
+            try:
+                self._pipe.execute()
+            finally:
+                self._pipe.reset()
+
+    def close(self) -> None:
+        """Send what is buffered. The Redis client belongs to the caller and stays open."""
+        self.flush()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _progress(self, request_id: str) -> _Progress:
+        progress = self._requests.get(request_id)
+        if progress is None:
+            # Started elsewhere (another process or publisher): continue it from attempt 0, seq 0.
+            progress = self._requests[validate_request_id(request_id)] = _Progress()
+        return progress
+
+    def _buffer(self, request_id: str, fields: dict[str, bytes]) -> None:
+        self._pipe.xadd(self._keys.chunks(request_id), _entry(fields))
+        self._buffered += 1

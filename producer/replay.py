@@ -1,0 +1,102 @@
+"""Replay captured streams through a Publisher, exactly as a live producer would have pushed them.
+
+A capture (JSON Lines or SSE text, read by ``streamfold.capture``) becomes one request: start, every chunk
+byte for byte, then the capture's own ending - ``[DONE]`` ends it, an ``event: error`` fails it - or an end
+when the capture just stops. Used for load tests, demos and reproducing a provider's stream on demand.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from producer.publisher import Publisher, new_request_id
+from streamfold.capture import CapturedItem, read_capture
+from streamfold.contract import Mode
+
+STDIN = "-"
+
+
+def replay(publisher: Publisher, files: Sequence[str | Path], *, copies: int = 1, rate: float | None = None,
+           mode: Mode = "auto") -> list[str]:
+    """Push ``copies`` requests per capture file and return their ids, in input order.
+
+    ``-`` reads a capture from stdin. Every file is read before anything is pushed, so a missing file
+    pushes nothing. ``rate`` paces pushes at that many chunks per second overall; buffered entries are sent
+    before each pause, so workers see the stream arrive as a live one would.
+    """
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
+    if rate is not None and rate <= 0:
+        raise ValueError(f"rate must be positive, got {rate}")
+    captures = [(_source_name(file), _read(file)) for file in files]
+    pacer = _Pacer(publisher, rate)
+    request_ids: list[str] = []
+    for source, items in captures:
+        for _ in range(copies):
+            request_id = new_request_id()
+            publisher.start(request_id, {"source": source}, mode)
+            _push_capture(publisher, request_id, items, pacer)
+            request_ids.append(request_id)
+    publisher.flush()
+    return request_ids
+
+
+def _push_capture(publisher: Publisher, request_id: str, items: Sequence[CapturedItem], pacer: _Pacer) -> None:
+    for item in items:
+        if item.kind == "chunk":
+            pacer.wait()
+            publisher.push(request_id, item.data)
+        elif item.kind == "error":
+            publisher.fail(request_id, _error_body(item.data))
+            return
+        else:
+            publisher.end(request_id)
+            return
+    publisher.end(request_id)
+
+
+def _error_body(data: bytes) -> dict[str, object] | str:
+    """An SSE error event's data: a JSON error body when it is one, its text otherwise."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.decode(errors="replace")
+    return body if isinstance(body, dict) else data.decode(errors="replace")
+
+
+def _source_name(file: str | Path) -> str:
+    return "<stdin>" if str(file) == STDIN else Path(file).name
+
+
+def _read(file: str | Path) -> list[CapturedItem]:
+    if str(file) == STDIN:
+        return list(read_capture(sys.stdin.buffer))
+    with open(file, "rb") as stream:
+        return list(read_capture(stream))
+
+
+class _Pacer:
+    """Holds pushes back to ``rate`` chunks per second overall, measured from the first chunk."""
+
+    def __init__(self, publisher: Publisher, rate: float | None) -> None:
+        self._publisher = publisher
+        self._interval = 1.0 / rate if rate else 0.0
+        self._started: float | None = None
+        self._count = 0
+
+    def wait(self) -> None:
+        if not self._interval:
+            return
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        due = self._started + self._count * self._interval
+        self._count += 1
+        if due > now:
+            self._publisher.flush()
+            time.sleep(max(due - time.monotonic(), 0.0))
