@@ -6,14 +6,34 @@ code and hand it (or the pieces it needs) to the library.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from streamfold.errors import ConfigError
 from streamfold.keys import Keys
 
 OutputMode = Literal["auto", "incremental", "cumulative"]
+DEFAULT_UPSTREAM = "default"
+
+
+class Upstream(BaseModel):
+    """One OpenAI-compatible upstream producer jobs can call, as named in ``STREAMFOLD_UPSTREAMS``.
+
+    The API key is never part of it: ``api_key_env`` names the environment variable the job runner reads the
+    key from, so the key stays in the runner's environment and never reaches Redis. ``base_url`` may carry a
+    query string (Azure's ``api-version``); it is sent with every call. ``params`` are defaults for the request
+    body, overridden by each call's own.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: str = Field(min_length=1)
+    api_key_env: str | None = Field(None, min_length=1)
+    mode: OutputMode = "auto"
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):
@@ -38,6 +58,22 @@ class Settings(BaseSettings):
     result_ttl: int = Field(86_400, ge=1, description="seconds a result stays readable by request id")
     chunk_ttl: int = Field(3_600, ge=1, description="seconds a finished request's chunks stay readable")
 
+    upstreams: Annotated[dict[str, Upstream], NoDecode] = Field(
+        default_factory=dict, description="JSON object: upstream name -> {base_url, api_key_env, mode, params}")
+    queue: str = Field("streamfold", min_length=1, description="rq queue of producer jobs")
+    job_timeout: int = Field(900, ge=1, description="seconds an rq job may run before rq stops it")
+    upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an upstream")
+    upstream_read_timeout: float = Field(60.0, gt=0, description="longest silence within an upstream stream, seconds")
+    upstream_retries: int = Field(3, ge=0, description="retries of a failed upstream call (429, 5xx, network)")
+    upstream_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds; doubles per retry")
+    upstream_backoff_max: float = Field(30.0, ge=0, description="longest retry delay; a longer Retry-After fails")
+    cancel_ttl: int = Field(3_600, ge=1, description="seconds a cancel request is kept")
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _read_upstreams(cls, value: Any) -> dict[str, Upstream]:
+        return read_upstreams(value)
+
     @model_validator(mode="after")
     def _block_below_socket_timeout(self) -> Settings:
         # A blocking read longer than the socket timeout fails in redis-py instead of returning empty.
@@ -48,3 +84,44 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> Keys:
         return Keys(namespace=self.namespace, shards=self.shards)
+
+    def upstream(self, name: str = DEFAULT_UPSTREAM) -> Upstream:
+        """The upstream called ``name``; ConfigError naming the known ones when there is none."""
+        upstream = self.upstreams.get(name)
+        if upstream is None:
+            known = ", ".join(sorted(self.upstreams)) or "none; set STREAMFOLD_UPSTREAMS"
+            raise ConfigError(f"unknown upstream {name!r} (configured: {known})")
+        return upstream
+
+
+def read_upstreams(value: Any) -> dict[str, Upstream]:
+    """The upstream table from ``STREAMFOLD_UPSTREAMS`` JSON (or an already parsed mapping).
+
+    Raises ConfigError, never echoing the values given: a misplaced API key must not end up in a log. An empty
+    table is allowed (processes that call no upstream need none); a non-empty one must name ``default``.
+    """
+    if isinstance(value, (str, bytes)):
+        try:
+            value = orjson.loads(value) if value.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"STREAMFOLD_UPSTREAMS is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("STREAMFOLD_UPSTREAMS must be a JSON object mapping names to upstreams")
+    if value and DEFAULT_UPSTREAM not in value:
+        raise ConfigError(f"STREAMFOLD_UPSTREAMS must name a {DEFAULT_UPSTREAM!r} upstream "
+                          f"(it has: {', '.join(sorted(map(str, value)))})")
+    return {str(name): _upstream(str(name), entry) for name, entry in value.items()}
+
+
+def _upstream(name: str, entry: Any) -> Upstream:
+    if isinstance(entry, Upstream):
+        return entry
+    if isinstance(entry, dict) and any("key" in str(field) and field != "api_key_env" for field in entry):
+        raise ConfigError(f"STREAMFOLD_UPSTREAMS[{name!r}]: API keys never go in the upstream table; name the "
+                          "environment variable holding the key with \"api_key_env\"")
+    try:
+        return Upstream.model_validate(entry)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'value'}: {error['msg']}"
+                             for error in exc.errors(include_input=False))
+        raise ConfigError(f"STREAMFOLD_UPSTREAMS[{name!r}]: {problems}") from None

@@ -1,0 +1,307 @@
+"""The upstream client speaks SSE over httpx, translates every failure once, and never lets an API key out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from email.utils import formatdate
+
+import httpx
+import orjson
+import pytest
+
+from producer.upstream import (RedactingFilter, RetryPolicy, UpstreamClient, api_key_of, error_message, failure,
+                               parse_retry_after, redact)
+from streamfold.capture import CapturedItem
+from streamfold.errors import ConfigError, UpstreamError
+from streamfold.settings import Settings, Upstream, read_upstreams
+
+KEY = "sk-test-0123456789abcdef"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+CHUNKS = [b'{"id":"c1","choices":[{"index":0,"delta":{"content":"Hel"}}]}',
+          b'{"id":"c1","choices":[{"index":0,"delta":{"content":"lo \xc3\xa9"},"finish_reason":"stop"}]}']
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def sse(*events: bytes) -> bytes:
+    return b"".join(events)
+
+
+def data(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+def stream_response(body: bytes | Iterator[bytes], status: int = 200) -> httpx.Response:
+    return httpx.Response(status, headers={"content-type": "text/event-stream"},
+                          stream=_Stream(iter([body]) if isinstance(body, bytes) else body))
+
+
+class _Stream(httpx.SyncByteStream):
+    def __init__(self, parts: Iterator[bytes]) -> None:
+        self.parts = parts
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.parts
+
+
+def client_for(handler: Handler, base_url: str = "http://upstream.test/v1",
+               api_key: str | None = KEY) -> UpstreamClient:
+    return UpstreamClient(base_url, api_key=api_key, transport=httpx.MockTransport(handler))
+
+
+def items(handler: Handler, **options: str) -> list[CapturedItem]:
+    with client_for(handler, **options) as client:
+        return list(client.stream_chat(BODY))
+
+
+def upstream_error(handler: Handler) -> UpstreamError:
+    with pytest.raises(UpstreamError) as caught:
+        items(handler)
+    return caught.value
+
+
+# --- streaming ---------------------------------------------------------------------------------------------
+
+def test_each_data_payload_is_yielded_byte_for_byte_until_done() -> None:
+    body = sse(b": keep-alive\n\n", data(CHUNKS[0]), data(CHUNKS[1]), data(b"[DONE]"), data(b'{"after": "done"}'))
+    assert items(lambda request: stream_response(body)) == [CapturedItem("chunk", chunk) for chunk in CHUNKS]
+
+
+def test_a_stream_that_ends_without_done_ends_there() -> None:
+    assert items(lambda request: stream_response(data(CHUNKS[0]))) == [CapturedItem("chunk", CHUNKS[0])]
+
+
+def test_an_error_event_is_yielded_as_an_error_and_ends_the_stream() -> None:
+    error = b'{"error": {"message": "overloaded", "type": "server_error"}}'
+    body = sse(data(CHUNKS[0]), b"event: error\n" + data(error), data(CHUNKS[1]))
+    assert items(lambda request: stream_response(body)) == [CapturedItem("chunk", CHUNKS[0]),
+                                                            CapturedItem("error", error)]
+
+
+def test_the_request_posts_the_body_with_the_key_as_bearer_and_keeps_the_base_url_query() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return stream_response(data(b"[DONE]"))
+
+    items(handler, base_url="http://upstream.test/openai/v1?api-version=2024-10-21")
+    (request,) = seen
+    assert request.method == "POST"
+    assert str(request.url) == "http://upstream.test/openai/v1/chat/completions?api-version=2024-10-21"
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert orjson.loads(request.content) == BODY
+
+
+def test_without_a_key_no_authorization_header_is_sent() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return stream_response(data(b"[DONE]"))
+
+    items(handler, api_key=None)
+    assert "authorization" not in seen[0].headers
+
+
+# --- failures ----------------------------------------------------------------------------------------------
+
+def test_a_429_is_retryable_with_its_retry_after_and_the_upstreams_message() -> None:
+    error = upstream_error(lambda request: httpx.Response(
+        429, headers={"retry-after": "2"}, json={"error": {"message": "Rate limit reached", "code": "rate_limit"}}))
+    assert (str(error), error.status, error.retryable, error.retry_after) == ("Rate limit reached", 429, True, 2.0)
+    assert failure(error) == {"message": "Rate limit reached", "type": "rate_limited", "status": 429, "code": None}
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 408])
+def test_server_errors_and_timeouts_are_retryable(status: int) -> None:
+    error = upstream_error(lambda request: httpx.Response(status, text="try later"))
+    assert (str(error), error.status, error.retryable, error.retry_after) == ("try later", status, True, None)
+
+
+@pytest.mark.parametrize("status", [400, 401, 404])
+def test_client_errors_are_not_retried(status: int) -> None:
+    error = upstream_error(lambda request: httpx.Response(status, json={"error": {"message": "bad request"}}))
+    assert (error.status, error.retryable) == (status, False)
+    assert failure(error)["type"] == "upstream_error"
+
+
+def test_a_connection_failure_before_any_answer_is_retryable() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("Connection refused", request=request)
+
+    error = upstream_error(refuse)
+    assert (error.status, error.retryable) == (None, True)
+    assert "Connection refused" in str(error)
+    assert failure(error)["type"] == "connection_error"
+
+
+def test_a_read_timeout_is_retryable() -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    error = upstream_error(slow)
+    assert error.retryable and str(error).startswith("upstream timed out")
+
+
+def test_a_connection_dropped_mid_stream_raises_after_the_chunks_already_read() -> None:
+    def parts() -> Iterator[bytes]:
+        yield data(CHUNKS[0])
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    received: list[CapturedItem] = []
+    with client_for(lambda request: stream_response(parts())) as client, pytest.raises(UpstreamError) as caught:
+        for item in client.stream_chat(BODY):
+            received.append(item)
+    assert received == [CapturedItem("chunk", CHUNKS[0])]
+    assert caught.value.retryable and "peer closed connection" in str(caught.value)
+
+
+def test_an_answer_that_is_not_an_event_stream_is_not_retried() -> None:
+    error = upstream_error(lambda request: httpx.Response(200, json={"choices": []}))
+    assert not error.retryable and "event stream" in str(error)
+
+
+def test_closing_the_iterator_closes_the_response() -> None:
+    closed: list[bool] = []
+
+    class Tracked(_Stream):
+        def close(self) -> None:
+            closed.append(True)
+
+    with client_for(lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                                   stream=Tracked(iter([data(CHUNKS[0]), data(CHUNKS[1])])))) as client:
+        stream = client.stream_chat(BODY)
+        next(stream)
+        stream.close()
+    assert closed == [True]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"error": {"message": "m1", "type": "t"}}', "m1"),
+    (b'{"error": "m2"}', "m2"),
+    (b'{"message": "m3"}', "m3"),
+    (b'{"detail": "m4"}', "m4"),
+    (b'["m5"]', "['m5']"),
+    (b"plain text", "plain text"),
+    (b"", "Bad Gateway"),
+])
+def test_error_messages_are_read_from_the_common_body_shapes(body: bytes, message: str) -> None:
+    assert error_message(body, "Bad Gateway") == message
+
+
+# --- retry policy ------------------------------------------------------------------------------------------
+
+def retryable(retry_after: float | None = None) -> UpstreamError:
+    return UpstreamError("busy", status=503, retryable=True, retry_after=retry_after)
+
+
+def test_backoff_doubles_per_retry_within_its_jitter_and_stops_at_the_retry_count() -> None:
+    policy = RetryPolicy(retries=3, backoff=1.0, backoff_max=30.0)
+    assert [policy.delay(retry, retryable(), jitter=lambda: 0.0) for retry in range(4)] == [0.5, 1.0, 2.0, None]
+    assert [policy.delay(retry, retryable(), jitter=lambda: 1.0) for retry in range(3)] == [1.0, 2.0, 4.0]
+
+
+def test_backoff_is_capped_at_backoff_max() -> None:
+    assert RetryPolicy(retries=10, backoff=1.0, backoff_max=3.0).delay(8, retryable(), jitter=lambda: 1.0) == 3.0
+
+
+def test_retry_after_is_honoured_as_given() -> None:
+    assert RetryPolicy(backoff=0.01).delay(0, retryable(retry_after=7)) == 7.0
+
+
+def test_a_retry_after_longer_than_backoff_max_ends_the_retries() -> None:
+    assert RetryPolicy(backoff_max=5.0).delay(0, retryable(retry_after=60)) is None
+
+
+def test_errors_that_are_not_retryable_are_never_retried() -> None:
+    assert RetryPolicy().delay(0, UpstreamError("bad", status=400)) is None
+
+
+def test_retry_after_reads_seconds_milliseconds_and_http_dates() -> None:
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
+    assert parse_retry_after({"retry-after": formatdate(1_000_030, usegmt=True)}, now=1_000_000) == 30.0
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+
+
+# --- keys ----------------------------------------------------------------------------------------------------
+
+def test_an_upstream_echoing_the_key_in_its_error_gets_it_redacted() -> None:
+    error = upstream_error(lambda request: httpx.Response(
+        401, json={"error": {"message": f"Incorrect API key provided: {KEY}."}}))
+    assert KEY not in str(error) and "[redacted]" in str(error)
+
+
+def test_the_redacting_filter_cleans_messages_arguments_and_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tests.redaction")
+    caplog.handler.addFilter(RedactingFilter([KEY]))
+    try:
+        logger.warning("calling with %s", KEY)
+        try:
+            raise RuntimeError(f"boom {KEY}")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        caplog.handler.filters.clear()
+    assert KEY not in caplog.text
+    assert caplog.text.count("[redacted]") == 2
+
+
+def test_redact_leaves_text_without_secrets_alone() -> None:
+    assert redact("nothing here", ["", KEY]) == "nothing here"
+
+
+def test_the_key_is_read_from_the_environment_variable_the_upstream_names() -> None:
+    upstream = Upstream(base_url="http://x", api_key_env="MY_KEY")
+    assert api_key_of(upstream, {"MY_KEY": KEY}) == KEY
+    assert api_key_of(Upstream(base_url="http://x"), {}) is None
+    with pytest.raises(ConfigError, match="MY_KEY"):
+        api_key_of(upstream, {})
+
+
+# --- the upstream table ----------------------------------------------------------------------------------
+
+def test_the_upstream_table_is_read_from_json_with_defaults() -> None:
+    table = read_upstreams('{"default": {"base_url": "http://a/v1", "api_key_env": "K"},'
+                           ' "mt": {"base_url": "http://b/v1", "mode": "cumulative", "params": {"model": "qwen"}}}')
+    assert table["default"] == Upstream(base_url="http://a/v1", api_key_env="K")
+    assert (table["mt"].mode, table["mt"].params) == ("cumulative", {"model": "qwen"})
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"other": {"base_url": "http://a"}}', "must name a 'default' upstream"),
+    ('{"default": {"mode": "cumulative"}}', "base_url: Field required"),
+    ('{"default": {"base_url": "http://a", "mode": "sometimes"}}', "mode: Input should be"),
+    ('{"default": {"base_url": "http://a", "retries": 3}}', "retries: Extra inputs are not permitted"),
+])
+def test_a_bad_upstream_table_is_a_config_error_saying_why(raw: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        read_upstreams(raw)
+
+
+def test_an_api_key_in_the_table_is_refused_without_being_echoed() -> None:
+    with pytest.raises(ConfigError, match="api_key_env") as caught:
+        read_upstreams(orjson.dumps({"default": {"base_url": "http://a", "api_key": KEY}}))
+    assert KEY not in str(caught.value)
+
+
+def test_settings_read_the_table_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMFOLD_UPSTREAMS", '{"default": {"base_url": "http://a/v1"}}')
+    settings = Settings()
+    assert settings.upstream().base_url == "http://a/v1"
+    with pytest.raises(ConfigError, match="unknown upstream 'nope' \\(configured: default\\)"):
+        settings.upstream("nope")
+    monkeypatch.setenv("STREAMFOLD_UPSTREAMS", "{bad")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Settings()
+
+
+def test_without_a_table_no_upstream_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STREAMFOLD_UPSTREAMS", raising=False)
+    with pytest.raises(ConfigError, match="set STREAMFOLD_UPSTREAMS"):
+        Settings().upstream()
