@@ -23,9 +23,17 @@ test: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy streamfold worker producer
 
-bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	$(BIN)/python bench/assembler.py
+# The peers' packages pin versions of their own (litellm caps openai below 3), so benchmarks get a
+# virtualenv of their own and the test environment stays as the test extra says.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/assembler.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info

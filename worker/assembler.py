@@ -17,9 +17,9 @@ import orjson
 from streamfold.contract import MODES, ErrorInfo, ResultRecord
 from streamfold.errors import ChunkError
 from worker.choice import ChoiceState, Mode, merge_field
-from worker.chunk_checks import check_choices, check_top_level
+from worker.chunk_checks import check_choices, check_tool_calls, check_top_level
 
-_OPEN_BRACE = ("{", b"{")
+_OPEN_BRACE = (b"{", "{")  # bytes first: what a worker reads from Redis
 _META: dict[str, type] = {"id": str, "model": str, "created": int, "system_fingerprint": str}
 
 
@@ -107,7 +107,11 @@ class Assembler:
         for key, value in chunk.items():
             if value is None:
                 continue
-            if key == "choices":
+            expected = _META.get(key)
+            if expected is not None:
+                if type(value) is not expected:
+                    check_top_level(chunk, position)
+            elif key == "choices":
                 if type(value) is not list:
                     check_top_level(chunk, position)
                 choices = value
@@ -115,9 +119,6 @@ class Assembler:
                 if type(value) is not dict:
                     check_top_level(chunk, position)
                 usage = value
-            elif key in _META:
-                if type(value) is not _META[key]:
-                    check_top_level(chunk, position)
             elif key == "object":
                 pass
             elif key == "error":
@@ -130,10 +131,13 @@ class Assembler:
                     extra = []
                 extra.append((key, value))
         simple = _read_plain_choice(choices[0]) if choices and len(choices) == 1 else None
-        if choices and simple is None:
-            check_choices(choices, position)
-        elif not choices and "choices" not in chunk and usage is None and error is None:
-            check_top_level(chunk, position)
+        if simple is None:
+            if choices:
+                check_choices(choices, position)
+            elif "choices" not in chunk and usage is None and error is None:
+                check_top_level(chunk, position)
+        elif simple[7] is not None:
+            check_tool_calls(simple[7], position)
 
         self._applied += 1
         if self._meta_missing:
@@ -141,7 +145,8 @@ class Assembler:
         elif self._fingerprint is None and "system_fingerprint" in chunk:
             self._fingerprint = chunk["system_fingerprint"] or None
         if simple is not None:
-            self._apply_plain_choice(*simple)
+            index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls = simple
+            self._apply_plain_choice(index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls)
         elif choices:
             states = self._choices
             for choice in choices:
@@ -161,7 +166,8 @@ class Assembler:
                 merge_field(self._extra, key, value)
 
     def _apply_plain_choice(self, index: int, finish: str | None, content: str | None, role: str | None,
-                            reasoning_content: str | None, reasoning: str | None, refusal: str | None) -> None:
+                            reasoning_content: str | None, reasoning: str | None, refusal: str | None,
+                            tool_calls: list[Any] | None) -> None:
         state = self._choices.get(index)
         if state is None:
             state = self._choices[index] = ChoiceState(index)
@@ -175,6 +181,9 @@ class Assembler:
             state.reasoning.add(reasoning)
         if refusal is not None:
             state.refusal.add(refusal)
+        if tool_calls is not None:
+            for fragment in tool_calls:
+                state.add_tool_call(fragment)
         if finish is not None:
             state.finish_reason = finish
 
@@ -254,14 +263,15 @@ def normalize_error(error: dict[str, Any] | str) -> ErrorInfo:
                      status=status if isinstance(status, int) else None)
 
 
-PlainChoice = tuple[int, str | None, str | None, str | None, str | None, str | None, str | None]
+PlainChoice = tuple[int, str | None, str | None, str | None, str | None, str | None, str | None, list[Any] | None]
 
 
 def _read_plain_choice(choice: Any) -> PlainChoice | None:
-    """The common case, read and checked in one pass: a choice whose delta holds only text fields.
+    """The common case, read and checked in one pass: a choice whose delta holds only text and tool calls.
 
-    Returns (index, finish_reason, content, role, reasoning_content, reasoning, refusal), or None when the
-    choice needs the general path (tool calls, logprobs, content parts, unknown fields, wrong types).
+    Returns (index, finish_reason, content, role, reasoning_content, reasoning, refusal, tool_calls), or None
+    when the choice needs the general path (logprobs, content parts, unknown fields, wrong types). The tool
+    calls, when there are any, are still to be checked with ``check_tool_calls``.
     """
     if type(choice) is not dict:
         return None
@@ -283,12 +293,15 @@ def _read_plain_choice(choice: Any) -> PlainChoice | None:
             finish = value
         else:
             return None
-    content = role = reasoning_content = reasoning = refusal = None
+    content = role = reasoning_content = reasoning = refusal = tool_calls = None
     if delta:
         for key, value in delta.items():
             if value is None:
                 continue
             if type(value) is not str:
+                if key == "tool_calls" and type(value) is list:
+                    tool_calls = value
+                    continue
                 return None
             if key == "content":
                 content = value
@@ -302,7 +315,7 @@ def _read_plain_choice(choice: Any) -> PlainChoice | None:
                 refusal = value
             else:
                 return None
-    return index, finish, content, role, reasoning_content, reasoning, refusal
+    return index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls
 
 
 def _apply_choice(state: ChoiceState, choice: dict[str, Any]) -> None:

@@ -56,7 +56,7 @@ def check_choices(choices: list[Any], position: int) -> None:
                         if field in _NOT_STR:
                             _fail(position, f"choices[{number}].delta.{field}", _NOT_STR[field], item)
                     elif field in _DELTA_FIELDS:
-                        _check_delta(value, position, f"choices[{number}].delta")
+                        _check_delta(value, position, number)
                         break
             elif key == "index":
                 if type(value) is not int:
@@ -65,42 +65,48 @@ def check_choices(choices: list[Any], position: int) -> None:
                 if type(value) is not str:
                     _fail(position, f"choices[{number}].finish_reason", "a string", value)
             elif key == "logprobs":
-                _check_logprobs(value, position, f"choices[{number}].logprobs")
+                _check_logprobs(value, position, number)
 
 
-def _check_logprobs(logprobs: Any, position: int, where: str) -> None:
+def check_tool_calls(tool_calls: list[Any], position: int) -> None:
+    """Check the tool-call fragments of a chunk's only choice, whose other fields are already known good."""
+    for number, fragment in enumerate(tool_calls):
+        _check_tool_call(fragment, position, 0, number)
+
+
+def _check_logprobs(logprobs: Any, position: int, choice: int) -> None:
     if type(logprobs) is not dict:
-        _fail(position, where, "an object", logprobs)
+        _fail(position, f"choices[{choice}].logprobs", "an object", logprobs)
     for key in ("content", "refusal"):
         value = logprobs.get(key)
         if value is not None and type(value) is not list:
-            _fail(position, f"{where}.{key}", "a list", value)
+            _fail(position, f"choices[{choice}].logprobs.{key}", "a list", value)
 
 
-def _check_delta(delta: dict[str, Any], position: int, where: str) -> None:
+def _check_delta(delta: dict[str, Any], position: int, choice: int) -> None:
     content = delta.get("content")
     if content is not None and type(content) is not str:
         if type(content) is not list:
-            _fail(position, f"{where}.content", "a string or a list of parts", content)
+            _fail(position, f"choices[{choice}].delta.content", "a string or a list of parts", content)
         for number, part in enumerate(content):
-            _check_part(part, position, f"{where}.content[{number}]")
+            _check_part(part, position, f"choices[{choice}].delta.content[{number}]")
     for key in _DELTA_TEXT:
         value = delta.get(key)
         if value is not None and type(value) is not str:
-            _fail(position, f"{where}.{key}", "a string", value)
+            _fail(position, f"choices[{choice}].delta.{key}", "a string", value)
     tool_calls = delta.get("tool_calls")
     if tool_calls is not None:
         if type(tool_calls) is not list:
-            _fail(position, f"{where}.tool_calls", "a list", tool_calls)
+            _fail(position, f"choices[{choice}].delta.tool_calls", "a list", tool_calls)
         for number, fragment in enumerate(tool_calls):
-            _check_tool_call(fragment, position, f"{where}.tool_calls[{number}]")
+            _check_tool_call(fragment, position, choice, number)
     function_call = delta.get("function_call")
     if function_call is not None:
         if type(function_call) is not dict:
-            _fail(position, f"{where}.function_call", "an object", function_call)
+            _fail(position, f"choices[{choice}].delta.function_call", "an object", function_call)
         for key in ("name", "arguments"):
             if not isinstance(function_call.get(key), _STR_OR_NONE):
-                _fail(position, f"{where}.function_call.{key}", "a string", function_call.get(key))
+                _fail(position, f"choices[{choice}].delta.function_call.{key}", "a string", function_call.get(key))
 
 
 def _check_part(part: Any, position: int, where: str) -> None:
@@ -119,24 +125,29 @@ def _check_part(part: Any, position: int, where: str) -> None:
             _fail(position, f"{where}.thinking", "a string or a list of parts", thinking)
 
 
-def _check_tool_call(fragment: Any, position: int, where: str) -> None:
+def _check_tool_call(fragment: Any, position: int, choice: int, number: int) -> None:
     if type(fragment) is not dict:
-        _fail(position, where, "an object", fragment)
+        _fail(position, _call_field(choice, number, ""), "an object", fragment)
     index = fragment.get("index")
     if index is not None and type(index) is not int:
-        _fail(position, f"{where}.index", "an integer", index)
+        _fail(position, _call_field(choice, number, ".index"), "an integer", index)
     for key in ("id", "type"):
         if not isinstance(fragment.get(key), _STR_OR_NONE):
-            _fail(position, f"{where}.{key}", "a string", fragment.get(key))
+            _fail(position, _call_field(choice, number, f".{key}"), "a string", fragment.get(key))
     function = fragment.get("function")
     if function is not None:
         if type(function) is not dict:
-            _fail(position, f"{where}.function", "an object", function)
+            _fail(position, _call_field(choice, number, ".function"), "an object", function)
         if not isinstance(function.get("name"), _STR_OR_NONE):
-            _fail(position, f"{where}.function.name", "a string", function.get("name"))
+            _fail(position, _call_field(choice, number, ".function.name"), "a string", function.get("name"))
         arguments = function.get("arguments")
         if arguments is not None and not isinstance(arguments, (str, dict, list)):
-            _fail(position, f"{where}.function.arguments", "a string or an object", arguments)
+            _fail(position, _call_field(choice, number, ".function.arguments"), "a string or an object", arguments)
+
+
+def _call_field(choice: int, number: int, rest: str) -> str:
+    # Field paths are spelled out only on failure, not for every fragment checked.
+    return f"choices[{choice}].delta.tool_calls[{number}]{rest}"
 
 
 def _fail(position: int, field: str, expected: str, value: Any) -> NoReturn:
