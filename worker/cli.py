@@ -11,6 +11,7 @@ import orjson
 
 from streamfold.capture import read_capture
 from streamfold.errors import StreamfoldError
+from worker import runner
 from worker.assembler import Assembler
 
 MODES_HELP = ("auto: incremental unless the stream is unmistakably cumulative; incremental: each chunk "
@@ -33,6 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("--mode", choices=["auto", "incremental", "cumulative"], default="auto",
                           help=MODES_HELP)
     assemble.set_defaults(handler=run_assemble)
+
+    run = commands.add_parser(
+        "run", help="serve requests from Redis until stopped", epilog=runner.settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=("Claim requests from the control streams, assemble each from its chunk stream, and publish "
+                     "exactly one result record and usage event per request. SIGTERM or SIGINT drains: no new "
+                     "claims, in-flight requests finish for up to STREAMFOLD_SHUTDOWN_GRACE seconds, the rest "
+                     "are handed back to other workers; a second signal hands back at once. Exits 0."))
+    run.add_argument("--concurrency", type=int, metavar="N",
+                     help="requests assembled at once (default: STREAMFOLD_CONCURRENCY)")
+    run.add_argument("--burst", action="store_true",
+                     help="exit 0 once nothing is claimable and nothing is in flight")
+    run.add_argument("--name", help=("consumer name in the group; a restart under the same name resumes its own "
+                                     "claims at once (default: host-pid-random)"))
+    run.set_defaults(handler=run_worker)
     return parser
 
 
@@ -43,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    try:
+        return runner.serve(concurrency=args.concurrency, burst=args.burst, name=args.name)
+    except StreamfoldError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
 
 
 def run_assemble(args: argparse.Namespace) -> int:

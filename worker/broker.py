@@ -1,0 +1,408 @@
+"""The worker's one seam to Redis: every stream and key command the worker uses, behind a few verbs.
+
+    ensure_group    create the consumer group on each shard's control stream
+    claim           take new requests (and, after a start or a lost reply, re-read this consumer's own)
+    read            read in-flight requests' chunk streams from their cursors, one XREAD per shard
+    finish          publish results and release inputs, atomically (worker/lua/finish.lua)
+    heartbeat       keep claims on in-flight requests fresh, owner-checked (worker/lua/touch.lua)
+    hand_back       make claims recoverable by peers at once, owner-checked (same script)
+    recover_stalled take over requests whose owner stopped heartbeating (XAUTOCLAIM)
+    trim            drop control entries no group needs any more (XTRIM MINID)
+    leave           remove this consumer from the group when it owns nothing
+
+Every command of one call touches keys of one shard slot, so the same code runs on Redis Cluster. redis-py
+connection errors and timeouts leave this module as ``RedisUnavailable``; a blocking read that outlives the
+socket timeout is "no data".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from streamfold.contract import Fields
+from streamfold.errors import RedisUnavailable
+from streamfold.keys import Keys
+from streamfold.settings import Settings
+from worker.request import DeadLetter
+
+Entry = tuple[str, Fields]
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+# Errors of a Redis that is there but cannot serve for now (out of memory, busy with a script, failing
+# over): retried like a lost connection.
+_TRANSIENT = ("OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
+_TIMED_OUT = object()
+_IGNORED_BLOCK_PAUSE = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A control entry this consumer now owns, naming the request it hands out."""
+
+    shard: int
+    entry_id: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Everything one finish publishes and releases."""
+
+    request_id: str
+    entry_ids: Sequence[str]
+    status: str
+    result: bytes
+    usage: bytes
+    dead_letter: DeadLetter | None = None
+
+
+class Broker:
+    """The Redis side of one worker (one consumer of the group)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, group: str, consumer: str, read_count: int = 1000,
+                 result_ttl: int = 86_400, chunk_ttl: int = 3_600, claim_timeout_ms: int = 30_000) -> None:
+        self.client, self.keys, self.group, self.consumer = client, keys, group, consumer
+        # redis-py types replies as unions of every shape a protocol allows; a client built by connect()
+        # gets the shapes parsed here, which the tests check on fakeredis and on Redis.
+        self._redis: Any = client
+        self._read_count, self._claim_timeout_ms = read_count, claim_timeout_ms
+        self._result_ttl, self._chunk_ttl = result_ttl, chunk_ttl
+        self._finish: Script = client.register_script(_lua("finish"))
+        self._touch: Script = client.register_script(_lua("touch"))
+        self._leave: Script = client.register_script(_lua("leave"))
+        self._shards = list(keys.shard_ids())
+        self._group_ready = False
+        # Shards where entries may sit in this consumer's pending list unseen: all of them at start (a
+        # restart under the same name), and any whose XREADGROUP reply was lost.
+        self._unseen = set(self._shards)
+        # The newest control entry seen per shard: a chunk read also watches the control stream from
+        # here, so a busy worker with room wakes for a new request instead of sleeping out its block.
+        self._control_seen = {shard: "0-0" for shard in self._shards}
+        self._control_keys = {keys.requests(shard).encode(): shard for shard in self._shards}
+        # Shards whose control stream had nothing left to claim at the last look and, as far as the
+        # watching reads since then show, still has nothing.
+        self._quiet: set[int] = set()
+        self._turn = 0
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings, consumer: str) -> Broker:
+        return cls(client, settings.keys, group=settings.group, consumer=consumer, read_count=settings.read_count,
+                   result_ttl=settings.result_ttl, chunk_ttl=settings.chunk_ttl,
+                   claim_timeout_ms=int(settings.claim_timeout * 1000))
+
+    def ensure_group(self) -> None:
+        """Create the group on every shard's control stream (and the stream) unless it exists."""
+        with self._unavailable():
+            for shard in self._shards:
+                key = self.keys.requests(shard)
+                try:
+                    self._redis.xgroup_create(key, self.group, id="0", mkstream=True)
+                except redis.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                newest = self._redis.xrevrange(key, count=1)
+                if newest:
+                    self._saw_control(shard, newest[0][0])
+        self._group_ready = True
+
+    def claim(self, count: int, *, block_ms: int = 0, skip_quiet: bool = False) -> list[Claim]:
+        """Take up to ``count`` new requests, blocking up to ``block_ms`` if there are none.
+
+        Own pending entries that may be unseen come first, beyond ``count``: the caller skips those it
+        serves already and leaves the rest for recovery. ``skip_quiet`` does not ask a shard that had
+        nothing left at its last claim and has shown nothing new to watching reads since (under load that
+        saves a round trip on each turn of the loop).
+        """
+        if not self._group_ready:
+            self.ensure_group()
+        with self._unavailable():
+            claims = self._claim_unseen()
+            several = len(self._shards) > 1
+            for shard in self._rotation():
+                if len(claims) >= count:
+                    break
+                if skip_quiet and not block_ms and shard in self._quiet:
+                    continue
+                claims += self._read_group(shard, count - len(claims), 0 if several else block_ms)
+            if not claims and block_ms and several:
+                claims = self._read_group(self._rotation()[0], count, _slice(block_ms, len(self._shards)))
+        return claims
+
+    def read(self, cursors: Mapping[str, str], *, watch: bool = False, block_ms: int = 0) -> dict[str, list[Entry]]:
+        """New entries of each request's chunk stream after its cursor, by request id.
+
+        Blocks up to ``block_ms`` when no stream has any. With ``watch``, a new control entry also ends
+        the wait (it is not returned: ``claim`` takes it).
+        """
+        # Stream names go out as bytes: redis-py packs them faster, and a read names every request in flight.
+        plans: dict[int, dict[bytes, str]] = {}
+        owners: dict[bytes, str] = {}
+        for request_id, cursor in cursors.items():
+            shard, stream = _request_stream(self.keys, request_id)
+            plans.setdefault(shard, {})[stream] = cursor
+            owners[stream] = request_id
+        if watch:
+            for key, shard in self._control_keys.items():
+                plans.setdefault(shard, {})[key] = self._control_seen[shard]
+        else:
+            self._quiet.clear()  # unwatched, a control stream may fill up unseen
+        if not plans:
+            return {}
+        with self._unavailable():
+            replies = self._read_plans(list(plans.values()), block_ms)
+        batches: dict[str, list[Entry]] = {}
+        for key, entries in replies:
+            owner = owners.get(key)
+            if owner is None:
+                shard = self._control_keys[key]
+                self._saw_control(shard, entries[-1][0])
+                self._quiet.discard(shard)
+            else:
+                batches[owner] = [(entry_id.decode(), fields) for entry_id, fields in entries]
+        return batches
+
+    def finish(self, finishes: Sequence[Finish]) -> list[bool]:
+        """Run the finish script for each request, in one round trip; True where this call published."""
+        calls = [self._finish_call(finish) for finish in finishes]
+        with self._unavailable():
+            return [bool(published) for published in self._run_script(self._finish, calls)]
+
+    def heartbeat(self, claims: Mapping[str, Sequence[str]]) -> set[str]:
+        """Refresh the claims on these requests' control entries; returns the entry ids still owned."""
+        return self._touch_all(claims, idle_ms=0)
+
+    def hand_back(self, claims: Mapping[str, Sequence[str]]) -> set[str]:
+        """Mark these claims idle for a whole claim timeout, so that a peer's recovery takes them at once."""
+        return self._touch_all(claims, idle_ms=self._claim_timeout_ms)
+
+    def recover_stalled(self, count: int) -> list[Claim]:
+        """Take over up to ``count`` requests that went a claim timeout without a heartbeat."""
+        if not self._group_ready:
+            self.ensure_group()
+        claims: list[Claim] = []
+        with self._unavailable():
+            for shard in self._rotation():
+                key, cursor = self.keys.requests(shard), b"0-0"
+                while len(claims) < count:
+                    reply = self._redis.xautoclaim(key, self.group, self.consumer, self._claim_timeout_ms,
+                                                   cursor, count=count - len(claims))
+                    cursor, entries, deleted = reply[0], reply[1], reply[2] if len(reply) > 2 else []
+                    # Ids deleted from the stream (Redis 7 has already dropped them from the pending list).
+                    claims += self._claims(shard, entries, junk=deleted)
+                    if cursor in (b"0-0", "0-0"):
+                        break
+        return claims
+
+    def trim(self) -> int:
+        """Delete control entries below the oldest one any group still needs; returns how many went.
+
+        Never by length: MAXLEN would also delete entries no worker has been handed yet. What every
+        group still needs starts at its oldest pending entry, or just after its last delivered one.
+        Computing it first and trimming after is safe: entries added or delivered meanwhile are newer.
+        """
+        trimmed = 0
+        with self._unavailable():
+            for shard in self._shards:
+                key = self.keys.requests(shard)
+                needed: list[tuple[int, int]] = []
+                for group in self._redis.xinfo_groups(key):
+                    needed.append(_next_id(group["last-delivered-id"]))
+                    if group["pending"]:
+                        needed.append(_parse_id(self._redis.xpending(key, group["name"])["min"]))
+                if needed:
+                    low = min(needed)
+                    trimmed += int(self._redis.xtrim(key, minid=f"{low[0]}-{low[1]}", approximate=False))
+        return trimmed
+
+    def leave(self) -> None:
+        """Remove this consumer from the group on every shard where it owns no pending entry."""
+        with self._unavailable():
+            self._run_script(self._leave, [([self.keys.requests(shard)], [self.group, self.consumer])
+                                           for shard in self._shards])
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            self._quiet.clear()
+            raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+        except redis.ResponseError as exc:
+            self._quiet.clear()
+            if str(exc).startswith(_TRANSIENT):
+                raise RedisUnavailable(f"Redis cannot serve now: {exc}") from exc
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group is gone (a Redis restarted without persistence, a flush): create it
+            # again on the next claim, and meanwhile treat Redis as not there.
+            self._group_ready = False
+            raise RedisUnavailable(f"consumer group missing: {exc}") from exc
+
+    def _claim_unseen(self) -> list[Claim]:
+        claims: list[Claim] = []
+        for shard in sorted(self._unseen):
+            key, cursor = self.keys.requests(shard), "0"
+            while True:
+                reply = self._redis.xreadgroup(self.group, self.consumer, {key: cursor}, count=self._read_count)
+                entries = reply[0][1] if reply else []
+                if not entries:
+                    break
+                claims += self._claims(shard, entries)
+                cursor = entries[-1][0]
+            self._unseen.discard(shard)
+        return claims
+
+    def _read_group(self, shard: int, count: int, block_ms: int) -> list[Claim]:
+        key = self.keys.requests(shard)
+        self._unseen.add(shard)  # until the reply is in hand: a lost reply leaves entries pending, unseen
+        reply = self._blocking(lambda: self._redis.xreadgroup(self.group, self.consumer, {key: ">"}, count=count,
+                                                              block=block_ms or None), block_ms)
+        if reply is _TIMED_OUT:
+            return []
+        self._unseen.discard(shard)
+        entries = reply[0][1] if reply else []
+        if entries:
+            self._saw_control(shard, entries[-1][0])
+        if len(entries) < count:
+            self._quiet.add(shard)
+        else:
+            self._quiet.discard(shard)
+        return self._claims(shard, entries)
+
+    def _saw_control(self, shard: int, entry_id: bytes) -> None:
+        self._control_seen[shard] = max(self._control_seen[shard], entry_id.decode(), key=_parse_id)
+
+    def _claims(self, shard: int, entries: Sequence[Any], junk: Sequence[bytes] = ()) -> list[Claim]:
+        """Claims from control entries; entries without a request id are acknowledged and dropped."""
+        named = [(entry_id, (fields or {}).get(b"rid")) for entry_id, fields in entries]
+        claims = [Claim(shard, entry_id.decode(), rid.decode()) for entry_id, rid in named if rid]
+        drop = [*junk, *(entry_id for entry_id, rid in named if not rid)]
+        if drop:
+            self._redis.xack(self.keys.requests(shard), self.group, *drop)
+        return claims
+
+    def _read_plans(self, plans: list[dict[bytes, str]], block_ms: int) -> list[tuple[bytes, list[Any]]]:
+        """One XREAD per shard: a single one blocks; several go in one round trip, then one blocks briefly."""
+        if len(plans) == 1:
+            return self._xread(plans[0], block_ms)
+        with self._redis.pipeline(transaction=False) as pipe:
+            for plan in plans:
+                pipe.xread(plan, count=self._read_count)
+            replies = [stream for reply in pipe.execute() for stream in (reply or [])]
+        if replies or not block_ms:
+            return replies
+        # Streams of different slots cannot share one blocking read; wait on each shard in turn.
+        self._turn += 1
+        return self._xread(plans[self._turn % len(plans)], _slice(block_ms, len(plans)))
+
+    def _xread(self, plan: dict[bytes, str], block_ms: int) -> list[tuple[bytes, list[Any]]]:
+        reply = self._blocking(lambda: self._redis.xread(plan, count=self._read_count, block=block_ms or None),
+                               block_ms)
+        return [] if reply is _TIMED_OUT else list(reply or [])
+
+    @staticmethod
+    def _blocking(read: Callable[[], Any], block_ms: int) -> Any:
+        """Run a read that may block for ``block_ms``; ``_TIMED_OUT`` if it outlived the socket timeout.
+
+        An empty reply well before ``block_ms`` means the server ignored BLOCK (fakeredis does when COUNT
+        is given; a real Redis never does): pause a moment so that the loop polls instead of spinning.
+        """
+        started = time.monotonic()
+        try:
+            reply = read()
+        except redis.TimeoutError:
+            if not block_ms:
+                raise
+            return _TIMED_OUT
+        left = block_ms / 1000 - (time.monotonic() - started)
+        if not reply and left > block_ms / 2000:
+            time.sleep(min(left, _IGNORED_BLOCK_PAUSE))
+        return reply
+
+    def _touch_all(self, claims: Mapping[str, Sequence[str]], idle_ms: int) -> set[str]:
+        by_shard: dict[int, list[str]] = {}
+        for request_id, entry_ids in claims.items():
+            by_shard.setdefault(self.keys.shard(request_id), []).extend(entry_ids)
+        calls = [([self.keys.requests(shard)], [self.group, self.consumer, idle_ms, *entry_ids])
+                 for shard, entry_ids in by_shard.items()]
+        with self._unavailable():
+            return {entry_id.decode() for owned in self._run_script(self._touch, calls) for entry_id in owned}
+
+    def _run_script(self, script: Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run ``script`` once per call in one round trip. Unlike redis-py's pipelined scripts, no SCRIPT
+        EXISTS first: the script is loaded only when Redis says it lacks it, and the refused calls (which
+        ran nothing) run again."""
+        results: list[Any] = [None] * len(calls)
+        todo, loaded = list(range(len(calls))), False
+        while todo:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for index in todo:
+                    keys, args = calls[index]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                replies = pipe.execute(raise_on_error=False)
+            refused = []
+            for index, reply in zip(todo, replies):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    refused.append(index)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    results[index] = reply
+            if refused:
+                if loaded:
+                    raise redis.exceptions.NoScriptError(f"script {script.sha} still missing after SCRIPT LOAD")
+                self._redis.script_load(script.script)
+                loaded = True
+            todo = refused
+        return results
+
+    def _finish_call(self, finish: Finish) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of finish.lua, in the order its header lists them."""
+        keys, rid, dead = self.keys, finish.request_id, finish.dead_letter
+        shard = keys.shard(rid)
+        return ([keys.done(rid), keys.results(shard), keys.result(rid), keys.usage(shard), keys.dead_letters(shard),
+                 keys.requests(shard), keys.chunks(rid)],
+                [self.group, self._result_ttl, self._chunk_ttl, rid, finish.result, finish.usage, finish.status,
+                 keys.notify(rid), *((dead.entry_id, dead.reason, dead.payload) if dead else ("", "", b"")),
+                 *finish.entry_ids])
+
+    def _rotation(self) -> list[int]:
+        """Shards in an order that starts one further each call, so no shard is always served last."""
+        self._turn += 1
+        start = self._turn % len(self._shards)
+        return self._shards[start:] + self._shards[:start]
+
+
+@lru_cache(maxsize=1 << 16)
+def _request_stream(keys: Keys, request_id: str) -> tuple[int, bytes]:
+    """A request's shard and chunk stream name: asked for on every read of every request in flight."""
+    return keys.shard(request_id), keys.chunks(request_id).encode()
+
+
+def _slice(block_ms: int, ways: int) -> int:
+    return min(block_ms, max(5, block_ms // ways))
+
+
+def _lua(name: str) -> str:
+    return resources.files("worker").joinpath("lua", f"{name}.lua").read_text()
+
+
+def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, seq = _parse_id(entry_id)
+    return ms, seq + 1

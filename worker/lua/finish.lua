@@ -1,0 +1,35 @@
+-- Finish one request: publish its result once, and release its input in every case.
+--
+-- One script, so Redis runs it as one step: a worker that dies or loses its connection part-way can never
+-- leave a result without its usage event, an acknowledged request without a result, or a result published
+-- twice. The done marker (SET NX) makes every later finisher of the same request - a peer that recovered
+-- it, a retry after a lost reply - a no-op apart from acknowledging its own control entries.
+--
+-- KEYS (all carry the request's shard tag, so this runs in one slot of a cluster):
+--   1 done marker   2 results stream   3 result key   4 usage stream   5 dead-letter stream
+--   6 control stream   7 the request's chunk stream
+-- ARGV:
+--   1 group   2 result ttl (s)   3 chunk ttl (s)   4 request id   5 result record   6 usage event   7 status
+--   8 notify channel (a channel, not a key)   9 dead-letter entry id ('' for none)   10 its reason
+--   11 its raw payload   12.. the control entries to acknowledge
+-- Returns 1 when this call published the result, 0 when an earlier finisher had.
+
+local first = redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', ARGV[2])
+if first then
+  redis.call('XADD', KEYS[2], '*', 'rid', ARGV[4], 'd', ARGV[5])
+  redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[2])
+  redis.call('XADD', KEYS[4], '*', 'rid', ARGV[4], 'd', ARGV[6])
+  if ARGV[9] ~= '' then
+    redis.call('XADD', KEYS[5], '*', 'rid', ARGV[4], 'entry', ARGV[9], 'reason', ARGV[10], 'd', ARGV[11])
+  end
+  redis.call('PUBLISH', ARGV[8], ARGV[7])
+end
+if #ARGV >= 12 then
+  redis.call('XACK', KEYS[6], ARGV[1], unpack(ARGV, 12))
+end
+-- The chunks stay readable for followers of the request until they expire; never deleted here.
+redis.call('EXPIRE', KEYS[7], ARGV[3])
+if first then
+  return 1
+end
+return 0

@@ -1,0 +1,345 @@
+"""The worker loop: claim requests, read their chunk streams, assemble them, finish each exactly once.
+
+One thread serves up to ``concurrency`` requests at once; each turn of the loop is a handful of named steps
+(``Worker._step``), each a few Redis round trips through the Broker. Nothing here is lost when Redis goes
+away: the loop backs off and retries with all in-memory state kept, and whatever a dead worker held is
+recovered by its peers after the claim timeout.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import random
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import cast
+
+from pydantic import ValidationError
+
+from streamfold.connection import connect
+from streamfold.contract import encode_record
+from streamfold.errors import ConfigError, RedisUnavailable
+from streamfold.settings import Settings
+from worker.broker import Broker, Claim, Finish
+from worker.request import RequestState
+
+log = logging.getLogger("streamfold.worker")
+
+# The shortest time between two reads. A read names every request in flight and returns as soon as any of
+# them has one new entry, so under load a loop without a floor turns over a few entries at a time and
+# spends itself on the per-read cost. A couple of milliseconds gathers them into batches.
+READ_INTERVAL = 0.002
+
+# The settings a worker reads, in the order ``python -m worker run --help`` lists them.
+WORKER_SETTINGS = ("redis_url", "namespace", "shards", "group", "concurrency", "read_count", "block_ms",
+                   "socket_timeout", "stall_timeout", "claim_timeout", "shutdown_grace", "result_ttl", "chunk_ttl")
+
+
+class Worker:
+    """Serves requests from the control streams until stopped or, in burst mode, until none are left."""
+
+    def __init__(self, broker: Broker, settings: Settings, *, concurrency: int | None = None, burst: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.broker, self.burst = broker, burst
+        self.concurrency = concurrency or settings.concurrency
+        self._settings = settings
+        self._clock = clock
+        self._requests: dict[str, RequestState] = {}
+        self._backoff = Backoff()
+        now = clock()
+        self._heartbeat = Every(settings.claim_timeout / 3, now)
+        self._recovery = Every(settings.claim_timeout / 2, now, at_start=True)
+        self._trimming = Every(settings.claim_timeout, now, at_start=True)
+        self._joined = False
+        self._last_read = 0.0
+        self._drain_until: float | None = None
+        self._done = False
+
+    def run(self) -> int:
+        """Serve until done; returns the process exit code, 0. SIGTERM/SIGINT start a drain (``stop``)."""
+        with _signals_handled(self.stop):
+            while not self._done:
+                try:
+                    self._step()
+                except RedisUnavailable as exc:
+                    self._wait_out(exc)
+                else:
+                    self._backoff.reset()
+            self._leave()
+        return 0
+
+    def stop(self) -> None:
+        """Stop claiming; finish what is in flight for up to ``shutdown_grace`` seconds, then hand back the
+        rest. A second call hands back at once."""
+        now = self._clock()
+        if self._drain_until is None:
+            self._drain_until = now + self._settings.shutdown_grace
+            log.info("draining: %d requests in flight, up to %g s", len(self._requests),
+                     self._settings.shutdown_grace)
+        else:
+            self._drain_until = now
+
+    def _step(self) -> None:
+        self._join()
+        idle = not self._requests
+        claimed = self._claim_new()
+        self._read_and_feed()
+        self._expire_stalled()
+        self._finish_ended()
+        self._heartbeat_if_due()
+        recovered = self._recover_if_due(force=self.burst and idle and not claimed)
+        self._trim_if_due()
+        self._check_done(idle=idle and not claimed and not recovered)
+
+    # --- steps -----------------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        if not self._joined:
+            self.broker.ensure_group()
+            self._joined = True
+            log.info("worker %s serving group %s (concurrency %d%s)", self.broker.consumer, self.broker.group,
+                     self.concurrency, ", burst" if self.burst else "")
+
+    def _claim_new(self) -> int:
+        free = self.concurrency - len(self._requests)
+        if self._drain_until is not None or free <= 0:
+            return 0
+        block_ms = 0 if self._requests or self.burst else self._wait_ms()
+        claims = self.broker.claim(free, block_ms=block_ms, skip_quiet=bool(self._requests))
+        return self._adopt(claims, "claimed")
+
+    def _read_and_feed(self) -> None:
+        if not self._requests:
+            return
+        cursors = {rid: state.cursor for rid, state in self._requests.items() if not state.ended}
+        watch = self._drain_until is None and len(self._requests) < self.concurrency
+        pause = self._last_read + READ_INTERVAL - self._clock()
+        if pause > 0:
+            time.sleep(pause)
+        self._last_read = self._clock()
+        batches = self.broker.read(cursors, watch=watch, block_ms=self._wait_ms())
+        now = self._clock()
+        for request_id, entries in batches.items():
+            state = self._requests[request_id]
+            for entry_id, fields in entries:
+                if state.feed(entry_id, fields, now):
+                    break
+
+    def _expire_stalled(self) -> None:
+        now = self._clock()
+        for state in self._requests.values():
+            if state.check_stall(now, self._settings.stall_timeout):
+                log.warning("request %s stalled: nothing new for %g s", state.request_id,
+                            self._settings.stall_timeout)
+
+    def _finish_ended(self) -> None:
+        ended = [state for state in self._requests.values() if state.ended]
+        if not ended:
+            return
+        finished_at_ms = time.time_ns() // 1_000_000
+        outcomes = [state.outcome(finished_at_ms) for state in ended]
+        published = self.broker.finish([
+            Finish(state.request_id, tuple(state.entries), outcome.record["status"], encode_record(outcome.record),
+                   encode_record(outcome.usage), outcome.dead_letter)
+            for state, outcome in zip(ended, outcomes)])
+        for state, outcome, first in zip(ended, outcomes, published):
+            del self._requests[state.request_id]
+            record, dead = outcome.record, outcome.dead_letter
+            if dead is not None:
+                log.warning("request %s: entry %s dead-lettered: %s", state.request_id, dead.entry_id, dead.reason)
+            log.info("request %s finished %s, %d chunks%s", state.request_id, record["status"],
+                     record["metrics"]["chunks"], "" if first else " (finished before; nothing published)")
+
+    def _heartbeat_if_due(self) -> None:
+        now = self._clock()
+        if not self._heartbeat.due(now):
+            return
+        if self._requests:
+            owned = self.broker.heartbeat({rid: state.entries for rid, state in self._requests.items()})
+            for request_id, state in list(self._requests.items()):
+                state.entries = [entry for entry in state.entries if entry in owned]
+                if not state.entries:
+                    del self._requests[request_id]
+                    log.warning("request %s was recovered by another worker; dropped here", request_id)
+        self._heartbeat.reset(now)
+
+    def _recover_if_due(self, *, force: bool) -> int:
+        now = self._clock()
+        free = self.concurrency - len(self._requests)
+        if self._drain_until is not None or not (force or self._recovery.due(now)):
+            return 0
+        recovered = self._adopt(self.broker.recover_stalled(free), "recovered") if free > 0 else 0
+        self._recovery.reset(now)
+        return recovered
+
+    def _trim_if_due(self) -> None:
+        now = self._clock()
+        if self._drain_until is None and self._trimming.due(now):
+            trimmed = self.broker.trim()
+            log.debug("trimmed %d control entries", trimmed)
+            self._trimming.reset(now)
+
+    def _check_done(self, *, idle: bool) -> None:
+        """Draining: done when nothing is in flight any more. Burst: done after a turn that began with
+        nothing in flight and found nothing to claim or recover."""
+        if self._drain_until is not None:
+            if self._requests and self._clock() >= self._drain_until:
+                self._hand_back()
+            self._done = not self._requests
+        elif self.burst and idle:
+            self._done = True
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _adopt(self, claims: Sequence[Claim], how: str) -> int:
+        """Serve newly claimed requests; a request already served here just gains the extra entry to ack."""
+        now, adopted = self._clock(), 0
+        for claim in claims:
+            state = self._requests.get(claim.request_id)
+            if state is not None:
+                if claim.entry_id not in state.entries:
+                    state.entries.append(claim.entry_id)
+            elif len(self._requests) < self.concurrency:
+                self._requests[claim.request_id] = RequestState(claim.request_id, claim.entry_id, now)
+                adopted += 1
+                log.log(logging.INFO if how == "recovered" else logging.DEBUG, "request %s %s (entry %s)",
+                        claim.request_id, how, claim.entry_id)
+            # else: beyond capacity (own pending re-read after a restart); recovery hands it out later.
+        return adopted
+
+    def _hand_back(self) -> None:
+        self.broker.hand_back({rid: state.entries for rid, state in self._requests.items()})
+        log.warning("handed back %d unfinished requests: %s", len(self._requests), " ".join(self._requests))
+        self._requests.clear()
+
+    def _wait_ms(self) -> int:
+        """How long a read may block: until the next timer, stall deadline or end of the drain."""
+        now = self._clock()
+        if any(state.ended for state in self._requests.values()):
+            return 0
+        deadlines = [self._heartbeat.next]
+        deadlines += [state.stall_deadline(self._settings.stall_timeout) for state in self._requests.values()]
+        if self._drain_until is None:
+            deadlines += [self._recovery.next, self._trimming.next]
+        else:
+            deadlines.append(self._drain_until)
+        seconds = min(self._settings.block_ms / 1000, min(deadlines) - now)
+        return max(0, math.ceil(seconds * 1000))
+
+    def _wait_out(self, exc: RedisUnavailable) -> None:
+        if self._drain_until is not None and (not self._requests or self._clock() >= self._drain_until):
+            log.error("Redis unavailable while draining (%s); exiting with %d requests unfinished, which peers "
+                      "recover after the claim timeout", exc, len(self._requests))
+            self._done = True
+            return
+        delay = self._backoff.next_delay()
+        log.warning("%s; retrying in %.2f s", exc, delay)
+        time.sleep(delay)
+        now = self._clock()
+        for state in self._requests.values():
+            # An outage is not a stall: nothing could be read meanwhile, so the stall clocks restart.
+            state.last_activity = max(state.last_activity, now)
+
+    def _leave(self) -> None:
+        try:
+            self.broker.leave()
+        except RedisUnavailable as exc:
+            log.warning("could not leave the group cleanly: %s", exc)
+        log.info("worker %s stopped", self.broker.consumer)
+
+
+class Every:
+    """A repeating deadline on the worker's clock; ``reset`` after the action succeeded."""
+
+    def __init__(self, interval: float, now: float, *, at_start: bool = False) -> None:
+        self.interval = interval
+        self.next = now if at_start else now + interval
+
+    def due(self, now: float) -> bool:
+        return now >= self.next
+
+    def reset(self, now: float) -> None:
+        self.next = now + self.interval
+
+
+class Backoff:
+    """Exponential backoff with jitter, capped, so a pool of workers does not reconnect in lockstep."""
+
+    def __init__(self, base: float = 0.05, cap: float = 2.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * 2.0 ** min(self.failures, 30)) * random.uniform(0.5, 1.0)
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@contextmanager
+def _signals_handled(stop: Callable[[], None]) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can take signals; a worker run in a thread is stopped with stop()
+        return
+    previous = {sig: signal.signal(sig, lambda _sig, _frame: stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def settings_help() -> str:
+    """The environment variables a worker reads, for ``--help``."""
+    lines = ["settings, from the environment:"]
+    for name in WORKER_SETTINGS:
+        field = Settings.model_fields[name]
+        lines.append(f"  STREAMFOLD_{name.upper():<16} {field.description} (default: {field.default})")
+    return "\n".join(lines)
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; ConfigError names what is wrong."""
+    try:
+        # Every field has a default; mypy, without pydantic's plugin, reads them as required arguments.
+        return cast("Callable[[], Settings]", Settings)()
+    except ValidationError as exc:
+        raise ConfigError(f"bad STREAMFOLD_* settings: {exc}") from exc
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The worker's one logging setup: one plain line per event on stderr."""
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(*, concurrency: int | None = None, burst: bool = False, name: str | None = None) -> int:
+    """Run one worker process with settings from the environment; returns its exit code."""
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+    settings = load_settings()
+    configure_logging()
+    client = connect(settings)
+    try:
+        broker = Broker.from_settings(client, settings, name or consumer_name())
+        worker = Worker(broker, settings, concurrency=concurrency, burst=burst)
+        # What exists now lives as long as the process. Frozen, it is left out of the collector's full
+        # passes, which otherwise stop the loop for tens of milliseconds at a time once it is busy.
+        gc.freeze()
+        return worker.run()
+    finally:
+        client.close()
