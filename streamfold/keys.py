@@ -11,11 +11,14 @@ Layout, for a namespace ``ns`` and a shard tag ``{sNN}``::
     ns:out:{sNN}:dead             dead letters: chunks the assembler rejected, with the reason
     ns:usage:{sNN}:events         usage events for analytics
     ns:out:notify:<rid>           pub/sub channel announcing that <rid> has a result
+    ns:out:workers                hash: consumer name -> that worker's stats record (JSON), for ``stats``
+    ns:out:housekeeping           lease: the one worker holding it does the pool's housekeeping this round
 
 Why this shape:
 - Redis Cluster: everything one finish touches carries the same ``{sNN}`` hash tag, so the finish script,
   the producer's start transaction and a worker's multi-stream reads stay in one slot. A request's shard is
-  a stable hash of its id; ``shards`` spreads load across cluster nodes.
+  a stable hash of its id; ``shards`` spreads load across cluster nodes. The two pool-wide keys carry no
+  tag: each is one key, touched by single-key commands only.
 - Least privilege: producers write only ``ns:in:*``, analytics read only ``ns:usage:*``, backends read
   ``ns:out:*``; workers read ``ns:in:*`` and write ``ns:out:*`` and ``ns:usage:*``.
 - Two namespaces on one Redis share no key.
@@ -73,6 +76,12 @@ class Keys:
 
     def notify(self, request_id: str) -> str:
         return f"{self.namespace}:out:notify:{request_id}"
+
+    def workers(self) -> str:
+        return f"{self.namespace}:out:workers"
+
+    def housekeeping(self) -> str:
+        return f"{self.namespace}:out:housekeeping"
 
     # --- analytics (ns:usage:*) ----------------------------------------------------------------------
     def usage(self, shard: int) -> str:

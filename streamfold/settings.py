@@ -16,6 +16,7 @@ from streamfold.errors import ConfigError
 from streamfold.keys import Keys
 
 OutputMode = Literal["auto", "incremental", "cumulative"]
+LogFormat = Literal["text", "json"]
 DEFAULT_UPSTREAM = "default"
 
 
@@ -57,6 +58,18 @@ class Settings(BaseSettings):
 
     result_ttl: int = Field(86_400, ge=1, description="seconds a result stays readable by request id")
     chunk_ttl: int = Field(3_600, ge=1, description="seconds a finished request's chunks stay readable")
+    results_max_age: int = Field(86_400, ge=1, description=(
+        "seconds an entry stays in the results streams, unless a consumer group still needs it"))
+    usage_max_age: int = Field(604_800, ge=1, description=(
+        "seconds an event stays in the usage streams, unless a consumer group still needs it"))
+    dead_letter_max_age: int = Field(604_800, ge=1, description=(
+        "seconds a dead letter is kept, unless a consumer group still needs it"))
+    dead_consumer_idle: float = Field(600.0, gt=0, description=(
+        "seconds a consumer holding nothing may stay silent before it counts as dead and is removed"))
+
+    metrics_port: int | None = Field(None, ge=0, le=65_535, description=(
+        "port a worker serves Prometheus metrics on (off when unset)"))
+    log_format: LogFormat = Field("text", description="text: a readable line per event; json: one object per line")
 
     upstreams: Annotated[dict[str, Upstream], NoDecode] = Field(
         default_factory=dict, description="JSON object: upstream name -> {base_url, api_key_env, mode, params}")

@@ -35,10 +35,10 @@ from streamfold.settings import Settings
 from worker.request import DeadLetter
 
 Entry = tuple[str, Fields]
-_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+UNAVAILABLE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 # Errors of a Redis that is there but cannot serve for now (out of memory, busy with a script, failing
 # over): retried like a lost connection.
-_TRANSIENT = ("OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
+TRANSIENT_ERRORS = ("OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
 _TIMED_OUT = object()
 _IGNORED_BLOCK_PAUSE = 0.01
 
@@ -214,9 +214,11 @@ class Broker:
                 key = self.keys.requests(shard)
                 needed: list[tuple[int, int]] = []
                 for group in self._redis.xinfo_groups(key):
-                    needed.append(_next_id(group["last-delivered-id"]))
+                    needed.append(next_id(group["last-delivered-id"]))
                     if group["pending"]:
-                        needed.append(_parse_id(self._redis.xpending(key, group["name"])["min"]))
+                        oldest = self._redis.xpending(key, group["name"])["min"]
+                        if oldest is not None:  # None: all acknowledged since XINFO answered
+                            needed.append(parse_id(oldest))
                 if needed:
                     low = min(needed)
                     trimmed += int(self._redis.xtrim(key, minid=f"{low[0]}-{low[1]}", approximate=False))
@@ -234,12 +236,12 @@ class Broker:
     def _unavailable(self) -> Iterator[None]:
         try:
             yield
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE_ERRORS as exc:
             self._quiet.clear()
             raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
         except redis.ResponseError as exc:
             self._quiet.clear()
-            if str(exc).startswith(_TRANSIENT):
+            if str(exc).startswith(TRANSIENT_ERRORS):
                 raise RedisUnavailable(f"Redis cannot serve now: {exc}") from exc
             if "NOGROUP" not in str(exc):
                 raise
@@ -280,7 +282,7 @@ class Broker:
         return self._claims(shard, entries)
 
     def _saw_control(self, shard: int, entry_id: bytes) -> None:
-        self._control_seen[shard] = max(self._control_seen[shard], entry_id.decode(), key=_parse_id)
+        self._control_seen[shard] = max(self._control_seen[shard], entry_id.decode(), key=parse_id)
 
     def _claims(self, shard: int, entries: Sequence[Any], junk: Sequence[bytes] = ()) -> list[Claim]:
         """Claims from control entries; entries without a request id are acknowledged and dropped."""
@@ -397,12 +399,14 @@ def _lua(name: str) -> str:
     return resources.files("worker").joinpath("lua", f"{name}.lua").read_text()
 
 
-def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+def parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as (milliseconds, sequence), which compare in stream order."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
 
 
-def _next_id(entry_id: bytes | str) -> tuple[int, int]:
-    ms, seq = _parse_id(entry_id)
+def next_id(entry_id: bytes | str) -> tuple[int, int]:
+    """The smallest id after ``entry_id``."""
+    ms, seq = parse_id(entry_id)
     return ms, seq + 1

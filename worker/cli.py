@@ -10,9 +10,27 @@ from typing import Any, BinaryIO
 import orjson
 
 from streamfold.capture import read_capture
-from streamfold.errors import StreamfoldError
-from worker import runner
+from streamfold.connection import connect
+from streamfold.errors import RedisUnavailable, StreamfoldError
+from streamfold.logs import LOG_FORMATS
+from worker import health, runner, stats
 from worker.assembler import Assembler
+
+STATS_HELP = """\
+Read the pool's state from Redis (nothing is written) in two samples --interval seconds apart:
+backlog (requests no worker has claimed, and the oldest one's age), requests in flight, arrival and
+finish rates, every worker and consumer with its pending entries, idle time and state (live, quiet,
+dead), the results, usage and dead-letter stream lengths, and a recommended worker count:
+
+    slots   = max(arrivals/s x W, in_flight) + backlog x min(1, W / D)
+    workers = ceil(slots / C)
+
+C is the concurrency of a worker, W the mean time a request holds a slot (claim to finish), both from
+the live workers' stats records, and D is --drain. slots is how many requests must be held at once:
+enough to keep up with arrivals (Little's law) and never fewer than are held now, plus what starts the
+backlog within D. Before any request has finished W is unknown and the live worker count stands (at
+least 1 while work waits). Exits 1 when Redis cannot be reached, 2 on bad settings.
+"""
 
 MODES_HELP = ("auto: incremental unless the stream is unmistakably cumulative; incremental: each chunk "
               "carries new text; cumulative: each chunk repeats the whole text so far (qwen-mt "
@@ -48,7 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit 0 once nothing is claimable and nothing is in flight")
     run.add_argument("--name", help=("consumer name in the group; a restart under the same name resumes its own "
                                      "claims at once (default: host-pid-random)"))
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: STREAMFOLD_METRICS_PORT; "
+                          "off when neither is set)")
+    run.add_argument("--log-format", choices=LOG_FORMATS,
+                     help="text: a readable line per event; json: one object per line, for log pipelines "
+                          "(default: STREAMFOLD_LOG_FORMAT, text)")
     run.set_defaults(handler=run_worker)
+
+    show = commands.add_parser(
+        "stats", help="show backlog, in-flight requests, workers and a recommended worker count",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=STATS_HELP)
+    show.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    show.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                      help="seconds between the two samples the rates come from; 0 takes one, without rates "
+                           "(default: 1; longer gives steadier rates)")
+    show.add_argument("--drain", type=float, default=60.0, metavar="SECONDS",
+                      help="D in the formula: the time in which the recommended workers clear the backlog "
+                           "(default: 60)")
+    show.set_defaults(handler=run_stats)
+
+    probe = commands.add_parser(
+        "health", help="exit 0 if the pool is being served, 1 if not, 2 on a configuration error",
+        description=("For container probes; read-only, usually well under a second. Healthy when Redis answers, the "
+                     "worker group exists on every shard, and the pool is served: a worker published its stats "
+                     "within the claim timeout or a consumer touched Redis within it - or, with none live, no "
+                     "request has waited unclaimed longer than that and none is held by a consumer that stopped. "
+                     "Prints one line, the reason: on stdout when healthy, on stderr when not."))
+    probe.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
+                       help="Redis connect and socket timeout (default: 2)")
+    probe.set_defaults(handler=run_health)
     return parser
 
 
@@ -63,10 +110,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     try:
-        return runner.serve(concurrency=args.concurrency, burst=args.burst, name=args.name)
+        return runner.serve(concurrency=args.concurrency, burst=args.burst, name=args.name,
+                            metrics_port=args.metrics_port, log_format=args.log_format)
     except StreamfoldError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    if args.interval < 0 or args.drain <= 0:
+        print("worker stats: --interval must be >= 0 and --drain > 0", file=sys.stderr)
+        return 2
+    try:
+        settings = runner.load_settings()
+        client = connect(settings)
+        try:
+            report = stats.collect(client, settings, interval=args.interval, drain_s=args.drain)
+        finally:
+            client.close()
+    except RedisUnavailable as exc:
+        print(f"worker stats: {exc}", file=sys.stderr)
+        return 1
+    except StreamfoldError as exc:
+        print(f"worker stats: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report) + b"\n")
+        sys.stdout.flush()
+    else:
+        print(stats.render_table(report))
+    return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    try:
+        settings = runner.load_settings()
+        client = connect(settings.model_copy(update={"socket_timeout": args.timeout}))
+    except StreamfoldError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        healthy, reason = health.check(client, settings)
+    finally:
+        client.close()
+    print(f"{'healthy' if healthy else 'unhealthy'}: {reason}", file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
 
 
 def run_assemble(args: argparse.Namespace) -> int:

@@ -52,6 +52,7 @@ class RequestState:
         self.request_id = request_id
         self.entries = [entry_id]
         self.cursor = "0-0"
+        self.claimed_at = now
         self.last_activity = now
         self.ended = False
         self._meta: dict[str, Any] = {}

@@ -16,7 +16,6 @@ import random
 import secrets
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,8 +27,11 @@ from pydantic import ValidationError
 from streamfold.connection import connect
 from streamfold.contract import encode_record
 from streamfold.errors import ConfigError, RedisUnavailable
+from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings
 from worker.broker import Broker, Claim, Finish
+from worker.housekeeping import Housekept, Housekeeper
+from worker.metrics import WorkerMetrics
 from worker.request import RequestState
 
 log = logging.getLogger("streamfold.worker")
@@ -41,11 +43,17 @@ READ_INTERVAL = 0.002
 
 # The settings a worker reads, in the order ``python -m worker run --help`` lists them.
 WORKER_SETTINGS = ("redis_url", "namespace", "shards", "group", "concurrency", "read_count", "block_ms",
-                   "socket_timeout", "stall_timeout", "claim_timeout", "shutdown_grace", "result_ttl", "chunk_ttl")
+                   "socket_timeout", "stall_timeout", "claim_timeout", "shutdown_grace", "result_ttl", "chunk_ttl",
+                   "results_max_age", "usage_max_age", "dead_letter_max_age", "dead_consumer_idle", "metrics_port",
+                   "log_format")
 
 
 class Worker:
-    """Serves requests from the control streams until stopped or, in burst mode, until none are left."""
+    """Serves requests from the control streams until stopped or, in burst mode, until none are left.
+
+    Beside the pipeline, now and then: publishes its stats record (at each heartbeat) and takes its turn at
+    the pool's housekeeping (worker/housekeeping.py). ``metrics`` counts what it does, in a registry of its own.
+    """
 
     def __init__(self, broker: Broker, settings: Settings, *, concurrency: int | None = None, burst: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -54,11 +62,15 @@ class Worker:
         self._settings = settings
         self._clock = clock
         self._requests: dict[str, RequestState] = {}
+        self.metrics = WorkerMetrics(self.concurrency)
+        self.metrics.watch_in_flight(lambda: len(self._requests))
+        self.housekeeper = Housekeeper(broker.client, settings, broker.consumer)
+        self._log = EventLog(log, worker=broker.consumer)
         self._backoff = Backoff()
         now = clock()
         self._heartbeat = Every(settings.claim_timeout / 3, now)
         self._recovery = Every(settings.claim_timeout / 2, now, at_start=True)
-        self._trimming = Every(settings.claim_timeout, now, at_start=True)
+        self._housekeeping = Every(settings.claim_timeout, now, at_start=True)
         self._joined = False
         self._last_read = 0.0
         self._drain_until: float | None = None
@@ -83,8 +95,7 @@ class Worker:
         now = self._clock()
         if self._drain_until is None:
             self._drain_until = now + self._settings.shutdown_grace
-            log.info("draining: %d requests in flight, up to %g s", len(self._requests),
-                     self._settings.shutdown_grace)
+            self._log.info("draining", in_flight=len(self._requests), grace_s=self._settings.shutdown_grace)
         else:
             self._drain_until = now
 
@@ -97,7 +108,7 @@ class Worker:
         self._finish_ended()
         self._heartbeat_if_due()
         recovered = self._recover_if_due(force=self.burst and idle and not claimed)
-        self._trim_if_due()
+        self._housekeep_if_due()
         self._check_done(idle=idle and not claimed and not recovered)
 
     # --- steps -----------------------------------------------------------------------------------------
@@ -105,9 +116,9 @@ class Worker:
     def _join(self) -> None:
         if not self._joined:
             self.broker.ensure_group()
+            self.housekeeper.publish(self.metrics.record(len(self._requests)))
             self._joined = True
-            log.info("worker %s serving group %s (concurrency %d%s)", self.broker.consumer, self.broker.group,
-                     self.concurrency, ", burst" if self.burst else "")
+            self._log.info("worker_started", group=self.broker.group, concurrency=self.concurrency, burst=self.burst)
 
     def _claim_new(self) -> int:
         free = self.concurrency - len(self._requests)
@@ -138,8 +149,8 @@ class Worker:
         now = self._clock()
         for state in self._requests.values():
             if state.check_stall(now, self._settings.stall_timeout):
-                log.warning("request %s stalled: nothing new for %g s", state.request_id,
-                            self._settings.stall_timeout)
+                self._log.warning("request_stalled", request_id=state.request_id,
+                                  stall_timeout_s=self._settings.stall_timeout)
 
     def _finish_ended(self) -> None:
         ended = [state for state in self._requests.values() if state.ended]
@@ -151,13 +162,17 @@ class Worker:
             Finish(state.request_id, tuple(state.entries), outcome.record["status"], encode_record(outcome.record),
                    encode_record(outcome.usage), outcome.dead_letter)
             for state, outcome in zip(ended, outcomes)])
+        now = self._clock()
         for state, outcome, first in zip(ended, outcomes, published):
             del self._requests[state.request_id]
             record, dead = outcome.record, outcome.dead_letter
+            self.metrics.finished(record, published=first, dead_letter=dead is not None, held_s=now - state.claimed_at)
             if dead is not None:
-                log.warning("request %s: entry %s dead-lettered: %s", state.request_id, dead.entry_id, dead.reason)
-            log.info("request %s finished %s, %d chunks%s", state.request_id, record["status"],
-                     record["metrics"]["chunks"], "" if first else " (finished before; nothing published)")
+                self._log.warning("entry_dead_lettered", request_id=state.request_id, entry=dead.entry_id,
+                                  reason=dead.reason)
+            # published=false: finished before (by a peer, or a retried finish); nothing published again.
+            self._log.info("request_finished", request_id=state.request_id, status=record["status"],
+                           chunks=record["metrics"]["chunks"], published=first)
 
     def _heartbeat_if_due(self) -> None:
         now = self._clock()
@@ -167,9 +182,11 @@ class Worker:
             owned = self.broker.heartbeat({rid: state.entries for rid, state in self._requests.items()})
             for request_id, state in list(self._requests.items()):
                 state.entries = [entry for entry in state.entries if entry in owned]
-                if not state.entries:
+                if not state.entries:  # this worker stalled past the claim timeout and a peer took it over
                     del self._requests[request_id]
-                    log.warning("request %s was recovered by another worker; dropped here", request_id)
+                    self.metrics.lost(1)
+                    self._log.warning("claim_lost", request_id=request_id)
+        self.housekeeper.publish(self.metrics.record(len(self._requests)))
         self._heartbeat.reset(now)
 
     def _recover_if_due(self, *, force: bool) -> int:
@@ -181,12 +198,15 @@ class Worker:
         self._recovery.reset(now)
         return recovered
 
-    def _trim_if_due(self) -> None:
+    def _housekeep_if_due(self) -> None:
         now = self._clock()
-        if self._drain_until is None and self._trimming.due(now):
+        if self._drain_until is None and self._housekeeping.due(now):
             trimmed = self.broker.trim()
-            log.debug("trimmed %d control entries", trimmed)
-            self._trimming.reset(now)
+            self._log.debug("control_trimmed", entries=trimmed)
+            done = self.housekeeper.run(lease_s=self._settings.claim_timeout)
+            if done is not None:
+                self._log_housekeeping(done)
+            self._housekeeping.reset(now)
 
     def _check_done(self, *, idle: bool) -> None:
         """Draining: done when nothing is in flight any more. Burst: done after a turn that began with
@@ -211,15 +231,23 @@ class Worker:
             elif len(self._requests) < self.concurrency:
                 self._requests[claim.request_id] = RequestState(claim.request_id, claim.entry_id, now)
                 adopted += 1
-                log.log(logging.INFO if how == "recovered" else logging.DEBUG, "request %s %s (entry %s)",
-                        claim.request_id, how, claim.entry_id)
+                self._log.log(logging.INFO if how == "recovered" else logging.DEBUG, f"request_{how}",
+                              request_id=claim.request_id, entry=claim.entry_id)
             # else: beyond capacity (own pending re-read after a restart); recovery hands it out later.
+        self.metrics.taken(how, adopted)
         return adopted
 
     def _hand_back(self) -> None:
         self.broker.hand_back({rid: state.entries for rid, state in self._requests.items()})
-        log.warning("handed back %d unfinished requests: %s", len(self._requests), " ".join(self._requests))
+        self._log.warning("requests_handed_back", count=len(self._requests), request_ids=list(self._requests))
         self._requests.clear()
+
+    def _log_housekeeping(self, done: Housekept) -> None:
+        for problem in done.problems:
+            self._log.warning("housekeeping_failed", problem=problem)
+        removed = done.consumers_removed or done.workers_forgotten
+        self._log.log(logging.INFO if removed else logging.DEBUG, "housekept", consumers_removed=done.consumers_removed,
+                      workers_forgotten=done.workers_forgotten, entries_trimmed=sum(done.trimmed.values()))
 
     def _wait_ms(self) -> int:
         """How long a read may block: until the next timer, stall deadline or end of the drain."""
@@ -229,20 +257,21 @@ class Worker:
         deadlines = [self._heartbeat.next]
         deadlines += [state.stall_deadline(self._settings.stall_timeout) for state in self._requests.values()]
         if self._drain_until is None:
-            deadlines += [self._recovery.next, self._trimming.next]
+            deadlines += [self._recovery.next, self._housekeeping.next]
         else:
             deadlines.append(self._drain_until)
         seconds = min(self._settings.block_ms / 1000, min(deadlines) - now)
         return max(0, math.ceil(seconds * 1000))
 
     def _wait_out(self, exc: RedisUnavailable) -> None:
+        self.metrics.redis_error()
         if self._drain_until is not None and (not self._requests or self._clock() >= self._drain_until):
-            log.error("Redis unavailable while draining (%s); exiting with %d requests unfinished, which peers "
-                      "recover after the claim timeout", exc, len(self._requests))
+            # Exits with what is in flight unfinished: peers recover it after the claim timeout.
+            self._log.error("redis_unavailable_while_draining", error=str(exc), unfinished=len(self._requests))
             self._done = True
             return
         delay = self._backoff.next_delay()
-        log.warning("%s; retrying in %.2f s", exc, delay)
+        self._log.warning("redis_unavailable", error=str(exc), retry_in_s=round(delay, 3))
         time.sleep(delay)
         now = self._clock()
         for state in self._requests.values():
@@ -252,9 +281,10 @@ class Worker:
     def _leave(self) -> None:
         try:
             self.broker.leave()
+            self.housekeeper.withdraw()
         except RedisUnavailable as exc:
-            log.warning("could not leave the group cleanly: %s", exc)
-        log.info("worker %s stopped", self.broker.consumer)
+            self._log.warning("leave_failed", error=str(exc))
+        self._log.info("worker_stopped")
 
 
 class Every:
@@ -304,7 +334,7 @@ def settings_help() -> str:
     lines = ["settings, from the environment:"]
     for name in WORKER_SETTINGS:
         field = Settings.model_fields[name]
-        lines.append(f"  STREAMFOLD_{name.upper():<16} {field.description} (default: {field.default})")
+        lines.append(f"  STREAMFOLD_{name.upper():<19} {field.description} (default: {field.default})")
     return "\n".join(lines)
 
 
@@ -314,32 +344,43 @@ def consumer_name() -> str:
 
 
 def load_settings() -> Settings:
-    """Settings from the environment; ConfigError names what is wrong."""
+    """Settings from the environment; ConfigError names what is wrong, on one line."""
     try:
         # Every field has a default; mypy, without pydantic's plugin, reads them as required arguments.
         return cast("Callable[[], Settings]", Settings)()
-    except ValidationError as exc:
-        raise ConfigError(f"bad STREAMFOLD_* settings: {exc}") from exc
+    except ValidationError as exc:  # one line, naming each variable, for a probe's or a log's one line
+        problems = "; ".join((f"STREAMFOLD_{'_'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
+                             + error["msg"] for error in exc.errors(include_input=False))
+        raise ConfigError(f"bad settings: {problems}") from exc
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """The worker's one logging setup: one plain line per event on stderr."""
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve(*, concurrency: int | None = None, burst: bool = False, name: str | None = None,
+          metrics_port: int | None = None, log_format: str | None = None) -> int:
+    """Run one worker process with settings from the environment; returns its exit code.
 
-
-def serve(*, concurrency: int | None = None, burst: bool = False, name: str | None = None) -> int:
-    """Run one worker process with settings from the environment; returns its exit code."""
+    ``metrics_port`` and ``log_format`` override ``STREAMFOLD_METRICS_PORT`` and ``STREAMFOLD_LOG_FORMAT``.
+    """
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
     settings = load_settings()
-    configure_logging()
+    configure_logging(log_format or settings.log_format)
+    port = metrics_port if metrics_port is not None else settings.metrics_port
     client = connect(settings)
     try:
-        broker = Broker.from_settings(client, settings, name or consumer_name())
-        worker = Worker(broker, settings, concurrency=concurrency, burst=burst)
+        worker = Worker(Broker.from_settings(client, settings, name or consumer_name()), settings,
+                        concurrency=concurrency, burst=burst)
+        if port is not None:
+            try:
+                port = worker.metrics.serve(port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on port {port}: {exc}") from exc
+            EventLog(log, worker=worker.broker.consumer).info("metrics_served", port=port)
         # What exists now lives as long as the process. Frozen, it is left out of the collector's full
         # passes, which otherwise stop the loop for tens of milliseconds at a time once it is busy.
         gc.freeze()
-        return worker.run()
+        try:
+            return worker.run()
+        finally:
+            worker.metrics.close()
     finally:
         client.close()

@@ -1,0 +1,65 @@
+"""``python -m worker health``: is the pool being served? For container probes: fast and read-only.
+
+Healthy when Redis answers, the worker group exists on every shard's control stream, and the pool is
+served: a worker published its stats record within a claim timeout, or a consumer touched Redis within
+one - or, with no live worker, nothing waits: no unclaimed request older than a claim timeout and no
+request held by a consumer that stopped. Two round trips at most; nothing is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from streamfold.errors import RedisUnavailable
+from streamfold.settings import Settings
+from worker.broker import parse_id
+from worker.housekeeping import is_fresh, read_worker_records, unavailable
+
+
+def check(client: redis.Redis, settings: Settings) -> tuple[bool, str]:
+    """(healthy, one line saying why)."""
+    keys, group, limit_ms = settings.keys, settings.group, settings.claim_timeout * 1000
+    r: Any = client
+    try:
+        with unavailable():
+            with r.pipeline(transaction=False) as pipe:
+                pipe.time()
+                pipe.hgetall(keys.workers())
+                for shard in keys.shard_ids():
+                    pipe.xinfo_groups(keys.requests(shard))
+                seconds_micros, raw_records, *infos = pipe.execute(raise_on_error=False)
+            for reply in (seconds_micros, raw_records, *infos):
+                if isinstance(reply, Exception) and "no such key" not in str(reply):
+                    raise reply
+            now_ms = int(seconds_micros[0]) * 1000 + int(seconds_micros[1]) // 1000
+            groups = []
+            for shard, info in zip(keys.shard_ids(), infos):
+                mine = None if isinstance(info, Exception) else next(
+                    (g for g in info if g["name"].decode() == group), None)
+                if mine is None:
+                    return False, f"no consumer group {group!r} on {keys.requests(shard)}: no worker has joined"
+                groups.append(mine)
+            live = sum(is_fresh(record, now_ms, settings) for record in read_worker_records(raw_records).values())
+            if live:
+                return True, f"{live} live workers"
+            with r.pipeline(transaction=False) as pipe:
+                for shard, mine in zip(keys.shard_ids(), groups):
+                    pipe.xinfo_consumers(keys.requests(shard), group)
+                    pipe.xrange(keys.requests(shard), "(" + mine["last-delivered-id"].decode(), "+", count=1)
+                replies = pipe.execute()
+    except RedisUnavailable as exc:
+        return False, str(exc)
+    except redis.RedisError as exc:
+        return False, f"Redis error: {type(exc).__name__}: {exc}"
+    consumers, oldest = replies[0::2], replies[1::2]
+    if any(member["idle"] <= limit_ms for members in consumers for member in members):
+        return True, "a consumer of the group is active"
+    waiting = [now_ms - parse_id(entries[0][0])[0] for entries in oldest if entries]
+    if waiting and max(waiting) > limit_ms:
+        return False, f"no live worker, and a request has waited {max(waiting) / 1000:.1f} s unclaimed"
+    held = sum(g["pending"] for g in groups)
+    if held:
+        return False, f"no live worker, and {held} claimed requests are held by consumers that stopped"
+    return True, "no live worker, and nothing waits longer than the claim timeout"
