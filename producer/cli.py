@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,9 +21,11 @@ import orjson
 import redis
 from pydantic import ValidationError
 
+from producer.analytics import GROUP_BYS, format_table, parse_duration, summarize
 from producer.publisher import Publisher
 from producer.replay import replay
-from producer.results import UsageReader, environment_settings, follow_results, get_result, wait_for_result
+from producer.results import (UsageReader, environment_settings, follow_results, get_result, stored_usage,
+                              wait_for_result)
 from streamfold.connection import connect
 from streamfold.contract import MODES
 from streamfold.errors import ConfigError, StreamfoldError
@@ -73,12 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = _command(commands, "usage", _usage, _READING, "print usage events through a consumer group",
                      "Print usage events as JSON lines through a consumer group of their own; each event is "
-                     "acknowledged after it is printed, and a restart first re-delivers what was not.")
+                     "acknowledged after it is printed, and a restart first re-delivers what was not. With "
+                     "--summary, print token totals, error shares and latency percentiles of the stored events "
+                     "instead, read without a group.")
     _reading_options(usage, what="event")
     usage.add_argument("--group", default="analytics", metavar="NAME",
                        help="consumer group: every group sees every event once (default: analytics)")
     usage.add_argument("--consumer", default="reader", metavar="NAME",
                        help="consumer name within the group; keep it stable across restarts (default: reader)")
+    usage.add_argument("--summary", action="store_true", help="summarise the stored events per group key")
+    usage.add_argument("--by", choices=GROUP_BYS, help="summary per model (default), meta tenant or status")
+    usage.add_argument("--since", type=_duration, metavar="DURATION",
+                       help="summarise the events published in the last DURATION: 30s, 15m, 2h, 7d")
+    usage.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     play = _command(commands, "replay", _replay, _CONNECTION, "push captured streams as new requests",
                     "Push captured streams (JSON Lines or SSE text) as new requests, exactly as a producer "
@@ -161,10 +171,29 @@ def _results(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    if args.summary:
+        return _usage_summary(args, settings)
+    if args.by or args.since or args.json:
+        raise ConfigError("--by, --since and --json go with --summary")
     with connect(settings) as client:
         reader = UsageReader(client, settings.keys, group=args.group, consumer=args.consumer,
                              from_start=args.from_start, count=settings.read_count)
         reader.consume(_emit, follow=args.follows, block_ms=settings.block_ms)
+    return 0
+
+
+def _usage_summary(args: argparse.Namespace, settings: Settings) -> int:
+    if args.follows:
+        raise ConfigError("--summary reads the events stored now; it cannot --follow")
+    since_ms = None if args.since is None else time.time_ns() // 1_000_000 - args.since
+    with connect(settings) as client:
+        summary = summarize(stored_usage(client, settings.keys, since_ms=since_ms, count=settings.read_count),
+                            by=args.by or "model")
+    if args.json:
+        _emit(summary.to_json())
+    else:
+        sys.stdout.write(format_table(summary))
+        sys.stdout.flush()
     return 0
 
 
@@ -250,6 +279,13 @@ def _one_line(exc: ValidationError) -> str:
         where = f"STREAMFOLD_{str(error['loc'][0]).upper()}: " if error["loc"] else ""
         problems.append(where + error["msg"])
     return "; ".join(problems)
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(kind: Callable[[str], int | float]) -> Callable[[str], Any]:

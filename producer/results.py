@@ -2,7 +2,8 @@
 
 Backends look a result up (``get_result``) or wait for it (``wait_for_result``, woken by pub/sub rather than
 polling); dashboards follow the results streams (``follow_results``); analytics consume usage events through
-a consumer group of their own (``UsageReader``), at their own pace and at least once.
+a consumer group of their own (``UsageReader``), at their own pace and at least once; summaries read the
+stored usage events without a group (``stored_usage``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,28 @@ def _read_results(client: redis.Redis, positions: dict[str, bytes], block_ms: in
                 record = _decode(name, entry_id, fields)
                 if record is not None:
                     yield record
+
+
+def stored_usage(client: redis.Redis, keys: Keys, *, since_ms: int | None = None,
+                 count: int = 1000) -> Iterator[dict[str, Any]]:
+    """Every usage event still stored in every shard's usage stream, oldest first within each shard.
+
+    Read with XRANGE, not through a consumer group, so a summary takes nothing from the groups analytics
+    consume through. ``since_ms`` keeps the events whose stream entry id - the time Redis took when the
+    finish published them, one clock for every worker - is at or after it (ms since the epoch).
+    """
+    for name in (keys.usage(shard) for shard in keys.shard_ids()):
+        start = "-" if since_ms is None else f"{max(since_ms, 0)}-0"
+        while True:
+            with redis_errors("reading the usage streams"):
+                entries = cast("list[_Entry]", client.xrange(name, min=start, count=count))
+            for entry_id, fields in entries:
+                event = _decode(name, entry_id, fields)
+                if event is not None:
+                    yield event
+            if len(entries) < count:
+                break
+            start = "(" + entries[-1][0].decode()
 
 
 @dataclass(frozen=True, slots=True)

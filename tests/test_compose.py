@@ -1,0 +1,176 @@
+"""docker-compose.yml and the Dockerfile, read rather than run: every project command they start exists.
+
+Each ``python -m worker`` / ``python -m producer`` command of a service, healthcheck or the image's CMD is
+parsed with the project's own argument parser, so a renamed subcommand or a dropped flag fails here instead of
+in a crash-looping container. The rest checks what scaling and persistence depend on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import posixpath
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+import producer.cli
+import producer.mock_upstream
+import worker.cli
+from streamfold.settings import Settings, read_upstreams
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+PROJECT = {name: service for name, service in SERVICES.items() if "build" in service}
+
+
+def argv(command: str | list[str]) -> list[str]:
+    """A compose command or healthcheck test as the argument vector it runs."""
+    if isinstance(command, str):
+        return shlex.split(command)
+    if command[:1] == ["CMD"]:
+        return list(command[1:])
+    if command[:1] == ["CMD-SHELL"]:
+        return shlex.split(command[1])
+    return list(command)
+
+
+def commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every command the project image runs: services, healthchecks, the Dockerfile CMD."""
+    found = []
+    for name, service in PROJECT.items():
+        if "command" in service:
+            found.append((f"{name} command", argv(service["command"])))
+        if "healthcheck" in service:
+            found.append((f"{name} healthcheck", argv(service["healthcheck"]["test"])))
+    cmd = re.search(r"^CMD (\[.*\])$", DOCKERFILE, re.MULTILINE)
+    assert cmd is not None, "the Dockerfile has no exec-form CMD"
+    found.append(("Dockerfile CMD", yaml.safe_load(cmd[1])))
+    return found
+
+
+def parser_for(args: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The project's parser for a ``python -m ...`` command, and the arguments it is given."""
+    if args[:3] == ["python", "-m", "worker"]:
+        return worker.cli.build_parser(), args[3:]
+    if args[:4] == ["python", "-m", "producer", "mock-upstream"]:
+        # producer/cli.py hands mock-upstream's arguments to the mock's own parser, untouched.
+        parser = argparse.ArgumentParser(prog="python -m producer mock-upstream")
+        producer.mock_upstream.add_arguments(parser)
+        return parser, args[4:]
+    if args[:3] == ["python", "-m", "producer"]:
+        return producer.cli.build_parser(), args[3:]
+    raise AssertionError(f"not a project command: {shlex.join(args)}")
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(name): str(value) for name, value in env.items()}
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (``45s``, ``2m``, ``1m30s``) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+@pytest.mark.parametrize(("where", "args"), commands(), ids=[where for where, _ in commands()])
+def test_every_project_command_parses_with_the_projects_own_parser(
+        where: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    parser, rest = parser_for(args)
+    try:
+        parser.parse_args(rest)
+        refused = False
+    except SystemExit:  # argparse's way of refusing an unknown subcommand or flag
+        refused = True
+    if refused:
+        pytest.fail(f"{where}: `{shlex.join(args)}` is refused: {capsys.readouterr().err.strip()}", pytrace=False)
+
+
+def test_the_stream_worker_job_runner_and_mock_upstream_all_run_from_the_project_image() -> None:
+    roles = {name: " ".join(argv(service["command"])[:4]) for name, service in PROJECT.items()}
+    assert sorted(roles.values()) == ["python -m producer mock-upstream", "python -m producer work",
+                                      "python -m worker run"]
+    assert "healthcheck" in SERVICES["worker"]
+
+
+def test_every_redis_url_points_at_the_compose_redis_service() -> None:
+    for name, service in SERVICES.items():
+        urls = {var: url for var, url in environment(service).items() if var.endswith("REDIS_URL")}
+        if name in PROJECT:
+            assert "STREAMFOLD_REDIS_URL" in urls, f"{name} sets no STREAMFOLD_REDIS_URL"
+        for var, url in urls.items():
+            parts = urlsplit(url)
+            assert (parts.scheme, parts.hostname) == ("redis", "redis"), f"{name}: {var}={url}"
+    assert "redis" in SERVICES
+
+
+def test_the_worker_can_be_scaled_no_container_name_no_fixed_host_port() -> None:
+    service = SERVICES["worker"]
+    assert "container_name" not in service
+    for port in service.get("ports", []):
+        published = port.get("published") if isinstance(port, dict) else (str(port).count(":") > 0)
+        assert not published, f"worker publishes a fixed host port ({port}): a second replica could not start"
+
+
+def test_the_worker_gets_its_shutdown_grace_before_docker_kills_it() -> None:
+    service = SERVICES["worker"]
+    default = Settings.model_fields["shutdown_grace"].default
+    grace = float(environment(service).get("STREAMFOLD_SHUTDOWN_GRACE", default))
+    # Docker's default is 10 s: a drain cut short hands nothing back, and peers wait out the claim timeout.
+    assert seconds(service.get("stop_grace_period", "10s")) > grace
+
+
+def test_redis_persists_with_an_append_only_file_on_a_volume() -> None:
+    redis = SERVICES["redis"]
+    args = argv(redis["command"])
+    options = dict(zip(args[1::2], args[2::2])) if args[0] == "redis-server" else {}
+    assert options.get("--appendonly") == "yes"
+    assert options.get("--appendfsync") == "everysec"
+    assert any(str(volume).endswith(":/data") for volume in redis.get("volumes", []))
+
+
+def test_the_upstream_table_names_the_mock_upstream_where_it_listens_and_the_runner_has_its_key() -> None:
+    mock_args = parser_for(argv(SERVICES["mock-upstream"]["command"]))
+    mock = mock_args[0].parse_args(mock_args[1])
+    jobs_env = environment(SERVICES["jobs"])
+    upstream = read_upstreams(jobs_env["STREAMFOLD_UPSTREAMS"])["default"]
+    assert (urlsplit(upstream.base_url).hostname, urlsplit(upstream.base_url).port) == ("mock-upstream", mock.port)
+    assert mock.host == "0.0.0.0"  # reachable from the other containers
+    assert upstream.api_key_env in jobs_env
+
+
+def test_the_dockerfile_copies_the_packages_and_the_fixtures_the_mock_upstream_serves() -> None:
+    workdir = re.search(r"^WORKDIR (\S+)$", DOCKERFILE, re.MULTILINE)
+    assert workdir is not None
+    copied: dict[str, str] = {}  # path in the image -> path in the repository
+    for line in re.findall(r"^COPY (.+)$", DOCKERFILE, re.MULTILINE):
+        *sources, target = line.split()
+        into = posixpath.normpath(posixpath.join(workdir[1], target))
+        for source in sources:
+            # A directory's contents land in the target; files land in it by name unless one names the file.
+            whole = (ROOT / source).is_dir() or (len(sources) == 1 and not target.endswith("/"))
+            copied[into if whole else f"{into}/{Path(source).name}"] = source
+    for package in ("streamfold", "worker", "producer"):
+        assert copied.get(f"{workdir[1]}/{package}") == package, f"the Dockerfile does not COPY {package}"
+    assert {"pyproject.toml", "README.md"} <= set(copied.values())  # pip install . reads both
+
+    mock = parser_for(argv(SERVICES["mock-upstream"]["command"]))
+    for directory in mock[0].parse_args(mock[1]).fixtures:
+        image_path = str(directory)
+        source = next((repo + image_path[len(path):] for path, repo in copied.items()
+                       if image_path == path or image_path.startswith(path + "/")), None)
+        assert source is not None, f"{image_path} is not copied into the image"
+        assert list((ROOT / source).glob("*.jsonl")), f"{source} holds no fixtures"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not any(pattern.strip("/*") == "fixtures" for pattern in ignored)
