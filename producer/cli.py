@@ -19,17 +19,16 @@ from typing import Any
 
 import orjson
 import redis
-from pydantic import ValidationError
 
 from producer.analytics import GROUP_BYS, format_table, parse_duration, summarize
 from producer.publisher import Publisher
 from producer.replay import replay
-from producer.results import (UsageReader, environment_settings, follow_results, get_result, stored_usage,
+from producer.results import (UsageReader, follow_results, get_result, stored_usage,
                               wait_for_result)
 from streamfold.connection import connect
 from streamfold.contract import MODES
 from streamfold.errors import ConfigError, StreamfoldError
-from streamfold.settings import Settings
+from streamfold.settings import Settings, load_settings
 
 PROG = "python -m producer"
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -48,9 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _guarded(lambda: _mock_upstream(argv[1:]), quiet_interrupt=True)
     args = build_parser().parse_args(argv)
     try:
-        settings = environment_settings()
-    except ValidationError as exc:
-        return _fail(f"invalid settings: {_one_line(exc)}", 2)
+        settings = load_settings()
     except ConfigError as exc:
         return _fail(f"invalid settings: {exc}", 2)
     command: Command = args.command
@@ -271,14 +268,6 @@ def _emit(record: dict[str, Any]) -> None:
 def _fail(message: str, code: int) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
-
-
-def _one_line(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        where = f"STREAMFOLD_{str(error['loc'][0]).upper()}: " if error["loc"] else ""
-        problems.append(where + error["msg"])
-    return "; ".join(problems)
 
 
 def _duration(text: str) -> int:

@@ -28,14 +28,13 @@ from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from producer.publisher import Publisher, new_request_id, redis_errors, validate_request_id
-from producer.results import environment_settings
 from producer.upstream import RetryPolicy, UpstreamClient, failure
 from streamfold.capture import CapturedItem
 from streamfold.connection import connect
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import ConfigError, ContractError, RedisUnavailable, UpstreamError
 from streamfold.keys import Keys
-from streamfold.settings import DEFAULT_UPSTREAM, Settings, Upstream
+from streamfold.settings import DEFAULT_UPSTREAM, Settings, Upstream, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def run_chat_completion(request_id: str, upstream: str, params: dict[str, Any],
 
     Returns a summary for rq's job result - request id, outcome and upstream calls made, never content or keys.
     """
-    settings = environment_settings()
+    settings = load_settings()
     with connect(settings) as client:
         run = CompletionRun(client, settings.keys, policy=RetryPolicy.from_settings(settings),
                             claim_ttl=settings.job_timeout + settings.cancel_ttl)
@@ -283,7 +282,7 @@ class CompletionRun:
 @contextmanager
 def _connected(client: redis.Redis | None, settings: Settings | None) -> Iterator[tuple[redis.Redis, Settings]]:
     """The settings (read from the environment when not given) and a client, closed afterwards if ours."""
-    settings = environment_settings() if settings is None else settings
+    settings = load_settings() if settings is None else settings
     if client is not None:
         yield client, settings
         return

@@ -23,7 +23,7 @@ from streamfold import contract
 from streamfold.connection import connect
 from streamfold.errors import ContractError, ResultTimeout
 from streamfold.keys import Keys
-from streamfold.settings import Settings
+from streamfold.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def wait_for_result(request_id: str, timeout: float, *, client: redis.Redis | No
     ``settings`` (default: read from the environment now) gives the keys, and the client when none is given.
     """
     validate_request_id(request_id)
-    settings = settings if settings is not None else environment_settings()
+    settings = settings if settings is not None else load_settings()
     keys = settings.keys
     own_client = client is None
     client = connect(settings) if client is None else client
@@ -71,15 +71,6 @@ def wait_for_result(request_id: str, timeout: float, *, client: redis.Redis | No
     finally:
         if own_client:
             client.close()
-
-
-def environment_settings() -> Settings:
-    """``Settings()`` read from the ``STREAMFOLD_*`` environment now.
-
-    Every field has a default; the cast only tells mypy (which, without pydantic's plugin, reads the
-    ``Field(default, ...)`` declarations as required arguments).
-    """
-    return cast("Callable[[], Settings]", Settings)()
 
 
 def _until(pubsub: PubSub, deadline: float, kind: str) -> None:

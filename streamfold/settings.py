@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
 
     result_ttl: int = Field(86_400, ge=1, description="seconds a result stays readable by request id")
-    chunk_ttl: int = Field(3_600, ge=1, description="seconds a finished request's chunks stay readable")
+    chunk_ttl: int = Field(600, ge=1, description="seconds a finished request's chunks stay readable")
     results_max_age: int = Field(86_400, ge=1, description=(
         "seconds an entry stays in the results streams, unless a consumer group still needs it"))
     usage_max_age: int = Field(604_800, ge=1, description=(
@@ -138,3 +138,14 @@ def _upstream(name: str, entry: Any) -> Upstream:
         problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'value'}: {error['msg']}"
                              for error in exc.errors(include_input=False))
         raise ConfigError(f"STREAMFOLD_UPSTREAMS[{name!r}]: {problems}") from None
+
+
+def load_settings() -> Settings:
+    """Settings from the ``STREAMFOLD_*`` environment, read now; ConfigError names what is wrong, on one line
+    (a probe's or a log's one line), never echoing the values given."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join((f"STREAMFOLD_{'_'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
+                             + error["msg"] for error in exc.errors(include_input=False))
+        raise ConfigError(f"bad settings: {problems}") from exc

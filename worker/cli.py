@@ -13,6 +13,7 @@ from streamfold.capture import read_capture
 from streamfold.connection import connect
 from streamfold.errors import RedisUnavailable, StreamfoldError
 from streamfold.logs import LOG_FORMATS
+from streamfold.settings import load_settings
 from worker import health, runner, stats
 from worker.assembler import Assembler
 
@@ -122,7 +123,7 @@ def run_stats(args: argparse.Namespace) -> int:
         print("worker stats: --interval must be >= 0 and --drain > 0", file=sys.stderr)
         return 2
     try:
-        settings = runner.load_settings()
+        settings = load_settings()
         client = connect(settings)
         try:
             report = stats.collect(client, settings, interval=args.interval, drain_s=args.drain)
@@ -144,7 +145,7 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     try:
-        settings = runner.load_settings()
+        settings = load_settings()
         client = connect(settings.model_copy(update={"socket_timeout": args.timeout}))
     except StreamfoldError as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)

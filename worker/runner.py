@@ -20,15 +20,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import cast
 
-from pydantic import ValidationError
 
 from streamfold.connection import connect
 from streamfold.contract import encode_record
 from streamfold.errors import ConfigError, RedisUnavailable
 from streamfold.logs import EventLog, configure_logging
-from streamfold.settings import Settings
+from streamfold.settings import Settings, load_settings
 from worker.broker import Broker, Claim, Finish
 from worker.housekeeping import Housekept, Housekeeper
 from worker.metrics import WorkerMetrics
@@ -341,17 +339,6 @@ def settings_help() -> str:
 def consumer_name() -> str:
     """A consumer name unique to this process: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def load_settings() -> Settings:
-    """Settings from the environment; ConfigError names what is wrong, on one line."""
-    try:
-        # Every field has a default; mypy, without pydantic's plugin, reads them as required arguments.
-        return cast("Callable[[], Settings]", Settings)()
-    except ValidationError as exc:  # one line, naming each variable, for a probe's or a log's one line
-        problems = "; ".join((f"STREAMFOLD_{'_'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
-                             + error["msg"] for error in exc.errors(include_input=False))
-        raise ConfigError(f"bad settings: {problems}") from exc
 
 
 def serve(*, concurrency: int | None = None, burst: bool = False, name: str | None = None,

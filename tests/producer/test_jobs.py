@@ -21,7 +21,6 @@ from rq.job import Job, JobStatus
 
 from producer import jobs
 from producer.jobs import CompletionRun, cancel, enqueue_chat_completion, job_id, request_body
-from producer.publisher import Publisher
 from producer.upstream import RetryPolicy, UpstreamClient
 from streamfold.contract import Envelope, decode_envelope, decode_error
 from streamfold.errors import ConfigError, ContractError
@@ -420,7 +419,7 @@ def test_a_job_whose_key_is_missing_fails_its_request_naming_the_variable_only(
         fake_redis: fakeredis.FakeRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv("JOBS_TEST_KEY", raising=False)
-    monkeypatch.setattr(jobs, "environment_settings", lambda: settings)
+    monkeypatch.setattr(jobs, "load_settings", lambda: settings)
     monkeypatch.setattr(jobs, "connect", lambda settings: fake_redis)
     with caplog.at_level(logging.ERROR):
         summary = jobs.run_chat_completion(RID, "default", BODY, {})
