@@ -54,13 +54,18 @@ class EventLog:
     def error(self, event: str, **fields: Any) -> None:
         self._emit(logging.ERROR, event, fields)
 
+    def exception(self, event: str, **fields: Any) -> None:
+        """An error event with the exception being handled, traceback included."""
+        self._emit(logging.ERROR, event, fields, exc_info=True)
+
     def log(self, level: int, event: str, **fields: Any) -> None:
         self._emit(level, event, fields)
 
-    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+    def _emit(self, level: int, event: str, fields: dict[str, Any], exc_info: bool = False) -> None:
         # Checked first: debug events sit on the worker's hot path, and building their fields costs.
         if self.logger.isEnabledFor(level):
-            self.logger.log(level, event, extra={_FIELDS: {**fields, **self.context}}, stacklevel=3)
+            self.logger.log(level, event, extra={_FIELDS: {**fields, **self.context}}, stacklevel=3,
+                            exc_info=exc_info)
 
 
 class JsonFormatter(logging.Formatter):

@@ -39,6 +39,9 @@ log = logging.getLogger("streamfold.worker")
 # spends itself on the per-read cost. A couple of milliseconds gathers them into batches.
 READ_INTERVAL = 0.002
 
+# Unexpected faults in a row after which the worker gives up and exits non-zero.
+MAX_CONSECUTIVE_FAULTS = 5
+
 # The settings a worker reads, in the order ``python -m worker run --help`` lists them.
 WORKER_SETTINGS = ("redis_url", "namespace", "shards", "group", "concurrency", "read_count", "block_ms",
                    "socket_timeout", "stall_timeout", "claim_timeout", "shutdown_grace", "result_ttl", "chunk_ttl",
@@ -70,6 +73,7 @@ class Worker:
         self._recovery = Every(settings.claim_timeout / 2, now, at_start=True)
         self._housekeeping = Every(settings.claim_timeout, now, at_start=True)
         self._joined = False
+        self._faults = 0
         self._last_read = 0.0
         self._drain_until: float | None = None
         self._done = False
@@ -82,8 +86,11 @@ class Worker:
                     self._step()
                 except RedisUnavailable as exc:
                     self._wait_out(exc)
+                except Exception:
+                    self._survive_fault()
                 else:
                     self._backoff.reset()
+                    self._faults = 0
             self._leave()
         return 0
 
@@ -275,6 +282,17 @@ class Worker:
         for state in self._requests.values():
             # An outage is not a stall: nothing could be read meanwhile, so the stall clocks restart.
             state.last_activity = max(state.last_activity, now)
+
+    def _survive_fault(self) -> None:
+        """A fault in this worker's own code or an unexpected Redis reply: log it, back off and go on with
+        all state kept. A race that trips once must not take down every worker of the pool at the same
+        moment; a fault that repeats is a bug, and the worker exits so that it is seen and restarted (its
+        requests are recovered by peers after the claim timeout)."""
+        self._faults += 1
+        self._log.exception("worker_fault", consecutive=self._faults)
+        if self._faults >= MAX_CONSECUTIVE_FAULTS:
+            raise
+        time.sleep(self._backoff.next_delay())
 
     def _leave(self) -> None:
         try:

@@ -146,6 +146,42 @@ def test_reads_that_fail_are_retried_with_every_request_kept(rig: Rig) -> None:
     assert spy.failures == 0
 
 
+def _faulty_reads(worker: Any, faults: int) -> list[int]:
+    """Make the worker's next ``faults`` reads raise a fault of its own code; returns the faults left."""
+    left = [faults]
+    original_read = worker.broker.read
+
+    def read(cursors: Mapping[str, str], **kwargs: Any) -> dict[str, list[Entry]]:
+        if left[0] > 0:
+            left[0] -= 1
+            raise RuntimeError("a fault in the worker's own code")
+        return original_read(cursors, **kwargs)
+
+    worker.broker.read = read
+    return left
+
+
+def test_a_passing_fault_is_logged_and_survived_with_every_request_kept(rig: Rig) -> None:
+    names = recorded_names()[:3]
+    for name in names:
+        rig.publish(name, recorded(name))
+    worker = rig.worker(concurrency=8)
+    left = _faulty_reads(worker, 2)
+    assert worker.run() == 0
+    assert left == [0]
+    assert sorted(record["request_id"] for record in rig.results()) == names
+
+
+def test_a_fault_that_repeats_ends_the_worker_with_the_error(rig: Rig) -> None:
+    rig.publish("r1", recorded("openai_refusal"))
+    worker = rig.worker(concurrency=8)
+    _faulty_reads(worker, 1_000)
+    with pytest.raises(RuntimeError, match="own code"):
+        worker.run()
+    assert rig.results() == []
+    assert [entry["consumer"] for entry in rig.pending()] != []  # left for a peer to recover
+
+
 def test_stop_finishes_nothing_new_and_hands_back_what_is_in_flight(rig: Rig) -> None:
     chunks = recorded("openai_refusal")
     for n in range(3):
