@@ -181,9 +181,11 @@ class CompletionRun:
         if claim is None:
             log.info("request %s: cancelled before its job started; nothing to do", request_id)
             return "skipped"
-        self._publisher.start(request_id, meta, mode)
         try:
+            # A re-run follows the attempts of the run before it, read from the stream before this run's
+            # start envelope (attempt 0) becomes its newest entry.
             attempt = self._publisher.new_attempt(request_id) if claim == "rerun" else 0
+            self._publisher.start(request_id, meta, mode)
             outcome = self._with_retries(request_id, upstream, body, attempt)
         except Exception as exc:
             self._fail_after_crash(request_id, exc)

@@ -154,7 +154,7 @@ class Publisher:
             tx.xadd(self._keys.chunks(request_id), _entry(start))
             tx.xadd(self._keys.requests(shard), {"rid": request_id.encode(), "ts": start["ts"]})
             tx.execute()
-        self._requests[request_id] = _Progress()
+        self._requests.setdefault(request_id, _Progress())
 
     def push(self, request_id: str, chunk: object, *, attempt: int | None = None, seq: int | None = None) -> int:
         """Append one raw chunk and return its seq; ``attempt`` defaults to the request's current attempt.
@@ -165,6 +165,7 @@ class Publisher:
         raw = raw_payload(chunk)
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
+        progress.attempt = max(progress.attempt, attempt)
         if seq is None:
             seq = progress.next_seq.get(attempt, 0)
         _counter("seq", seq)
@@ -179,8 +180,9 @@ class Publisher:
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
         self._buffer(request_id, contract.encode_end(attempt=attempt, ts_ms=_now_ms()))
-        del self._requests[request_id]
         self.flush()
+        # Forgotten only once sent: a caller that retries after a failed send keeps its attempt.
+        del self._requests[request_id]
 
     def fail(self, request_id: str, error: str | Mapping[str, Any] | BaseException, *,
              attempt: int | None = None) -> None:
@@ -189,8 +191,8 @@ class Publisher:
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
         self._buffer(request_id, contract.encode_error(info, attempt=attempt, ts_ms=_now_ms()))
-        del self._requests[request_id]
         self.flush()
+        del self._requests[request_id]
 
     def new_attempt(self, request_id: str) -> int:
         """Start over after chunks were pushed (an upstream retry) and return the new attempt number.

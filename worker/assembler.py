@@ -52,10 +52,11 @@ class Assembler:
         position = self._fed
         self._fed += 1
         kind = type(chunk)
+        is_error, self._next_is_error = self._next_is_error, False  # only the very next data line
         if kind is bytes or kind is str:
             text = chunk
             if text[:1] not in _OPEN_BRACE:
-                text = self._sse_line(text.strip(), position)
+                text = self._sse_line(text.strip(), position, is_error)
                 if text is None:
                     return
             try:
@@ -71,8 +72,7 @@ class Assembler:
                              position)
         if type(obj) is not dict:
             raise ChunkError(f"expected a JSON object, got {type(obj).__name__}: {_preview(chunk)}", position)
-        if self._next_is_error:
-            self._next_is_error = False
+        if is_error:
             self.fail(obj)
             return
         self._apply(obj, position)
@@ -81,10 +81,17 @@ class Assembler:
         """Record an upstream error: the result becomes ``failed``, partial output kept."""
         self._error = normalize_error(error)
 
-    def _sse_line(self, line: str | bytes, position: int) -> str | bytes | None:
-        """The JSON of a ``data:`` line, or None for lines that carry no chunk."""
+    def _sse_line(self, line: str | bytes, position: int, is_error: bool) -> str | bytes | None:
+        """The JSON of a ``data:`` line, or None for lines that carry no chunk.
+
+        ``is_error``: an ``event: error`` line came before this one in the same event. A blank line ends
+        the event; comments, ``id:`` and ``retry:`` lines keep it going.
+        """
         text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-        if not text or text.startswith(":"):
+        if not text:
+            return None
+        if text.startswith(":"):
+            self._next_is_error = is_error
             return None
         field, _, value = text.partition(":")
         value = value[1:] if value.startswith(" ") else value
@@ -97,6 +104,7 @@ class Assembler:
             self._next_is_error = value.strip() == "error"
             return None
         if field in ("id", "retry"):
+            self._next_is_error = is_error
             return None
         raise ChunkError(f"not JSON and not an SSE line: {_preview(line)}", position)
 

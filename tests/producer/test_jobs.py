@@ -334,6 +334,23 @@ def test_a_rerun_job_supersedes_what_the_crashed_run_published(fake_redis: faker
     assert worker_record(fake_redis, keys)["completion"] == assemble(lines)["completion"]
 
 
+def test_a_rerun_after_a_run_that_retried_starts_above_every_earlier_attempt(
+        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
+    lines = chunks_of()
+    # The first run is cut twice after chunks were pushed (attempts 0 and 1), then its third call fails.
+    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(lines, drop_after=2), streaming(lines, drop_after=3),
+                                                     streaming(lines, drop_after=1)), retries=2)
+    assert outcome == "failed"
+    (last_id, _), = fake_redis.xrevrange(keys.chunks(RID), count=1)
+    fake_redis.xdel(keys.chunks(RID), last_id)  # as if the first run had died in its third attempt
+    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(lines)))
+    assert outcome == "ended"
+    assert kinds(fake_redis, keys)[-1] == ("end", 3)
+    record = worker_record(fake_redis, keys)
+    assert record["status"] == "completed"
+    assert record["completion"] == assemble(lines)["completion"]
+
+
 def test_a_job_that_crashes_fails_its_request_and_reraises(fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
     def broken(request: httpx.Request) -> httpx.Response:
         raise RuntimeError("a bug")

@@ -896,3 +896,23 @@ def test_choice_without_index_is_choice_zero() -> None:
     assert [choice["index"] for choice in result["completion"]["choices"]] == [0]
     assert result["completion"]["choices"][0]["message"]["content"] == "Hi there"
     assert result["status"] == "completed"
+
+
+def test_a_bad_line_after_an_error_event_does_not_turn_the_next_chunk_into_an_error() -> None:
+    assembler = Assembler()
+    assembler.feed("event: error")
+    with pytest.raises(ChunkError):
+        assembler.feed("data: not json")
+    assembler.feed('data: {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}')
+
+    result = assembler.result()
+    assert result["status"] == "completed"
+    assert result["error"] is None
+    assert result["completion"]["choices"][0]["message"]["content"] == "ok"
+
+
+def test_a_comment_between_error_event_and_its_data_keeps_the_event() -> None:
+    result = assemble(["event: error", ": keep-alive", 'data: {"error": {"message": "overloaded"}}'])
+
+    assert result["status"] == "failed"
+    assert result["error"] is not None and result["error"]["message"] == "overloaded"
