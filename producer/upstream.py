@@ -209,6 +209,8 @@ class UpstreamClient:
         except httpx.TransportError as exc:
             raise UpstreamError(self.redact(f"upstream connection failed: {type(exc).__name__} {exc}".strip()),
                                 retryable=True) from exc
+        except httpx.HTTPError as exc:  # undecodable bodies, redirect loops: the upstream's fault, not ours
+            raise UpstreamError(self.redact(f"upstream call failed: {type(exc).__name__} {exc}".strip())) from exc
 
     def redact(self, text: str) -> str:
         return redact(text, self._secrets)

@@ -67,8 +67,8 @@ class Finish:
 class Broker:
     """The Redis side of one worker (one consumer of the group)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, group: str, consumer: str, read_count: int = 1000,
-                 result_ttl: int = 86_400, chunk_ttl: int = 3_600, claim_timeout_ms: int = 30_000) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, group: str, consumer: str, read_count: int,
+                 result_ttl: int, chunk_ttl: int, claim_timeout_ms: int) -> None:
         self.client, self.keys, self.group, self.consumer = client, keys, group, consumer
         # redis-py types replies as unions of every shape a protocol allows; a client built by connect()
         # gets the shapes parsed here, which the tests check on fakeredis and on Redis.

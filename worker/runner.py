@@ -350,7 +350,8 @@ def settings_help() -> str:
     lines = ["settings, from the environment:"]
     for name in WORKER_SETTINGS:
         field = Settings.model_fields[name]
-        lines.append(f"  STREAMFOLD_{name.upper():<19} {field.description} (default: {field.default})")
+        default = "off" if field.default is None else field.default
+        lines.append(f"  STREAMFOLD_{name.upper():<19} {field.description} (default: {default})")
     return "\n".join(lines)
 
 
