@@ -12,10 +12,10 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from streamfold.contract import Mode
 from streamfold.errors import ConfigError
 from streamfold.keys import Keys
 
-OutputMode = Literal["auto", "incremental", "cumulative"]
 LogFormat = Literal["text", "json"]
 DEFAULT_UPSTREAM = "default"
 
@@ -33,7 +33,7 @@ class Upstream(BaseModel):
 
     base_url: str = Field(min_length=1)
     api_key_env: str | None = Field(None, min_length=1)
-    mode: OutputMode = "auto"
+    mode: Mode = "auto"
     params: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from streamfold.contract import MODES, ErrorInfo, ResultRecord
+from streamfold.contract import MODES, ErrorInfo, Mode, ResultRecord
 from streamfold.errors import ChunkError
-from worker.choice import ChoiceState, Mode, merge_field
+from worker.choice import ChoiceState, merge_field
 from worker.chunk_checks import check_choices, check_tool_calls, check_top_level
 
 _OPEN_BRACE = (b"{", "{")  # bytes first: what a worker reads from Redis

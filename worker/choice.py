@@ -6,11 +6,12 @@ anything here, so these methods never see malformed input and never raise on it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
-Mode = Literal["auto", "incremental", "cumulative"]
+from streamfold.contract import Mode
+
 
 
 class TextField:

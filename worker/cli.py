@@ -11,6 +11,7 @@ import orjson
 
 from streamfold.capture import read_capture
 from streamfold.connection import connect
+from streamfold.contract import MODES
 from streamfold.errors import RedisUnavailable, StreamfoldError
 from streamfold.logs import LOG_FORMATS
 from streamfold.settings import load_settings
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "Redis. Exits 1 if a file cannot be read or holds a chunk that cannot be assembled; "
                      "the error names the file and the chunk's position."))
     assemble.add_argument("files", nargs="+", metavar="FILE", help="a captured stream; - reads stdin")
-    assemble.add_argument("--mode", choices=["auto", "incremental", "cumulative"], default="auto",
+    assemble.add_argument("--mode", choices=MODES, default="auto",
                           help=MODES_HELP)
     assemble.set_defaults(handler=run_assemble)
 
