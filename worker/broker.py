@@ -175,11 +175,12 @@ class Broker:
         with self._unavailable():
             return [bool(published) for published in self._run_script(self._finish, calls)]
 
-    def heartbeat(self, claims: Mapping[str, Sequence[str]]) -> set[str]:
-        """Refresh the claims on these requests' control entries; returns the entry ids still owned."""
+    def heartbeat(self, claims: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+        """Refresh the claims on these requests' control entries; returns, by request, the entries still
+        owned (requests with none left are missing)."""
         return self._touch_all(claims, idle_ms=0)
 
-    def hand_back(self, claims: Mapping[str, Sequence[str]]) -> set[str]:
+    def hand_back(self, claims: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         """Mark these claims idle for a whole claim timeout, so that a peer's recovery takes them at once."""
         return self._touch_all(claims, idle_ms=self._claim_timeout_ms)
 
@@ -331,14 +332,20 @@ class Broker:
             time.sleep(min(left, _IGNORED_BLOCK_PAUSE))
         return reply
 
-    def _touch_all(self, claims: Mapping[str, Sequence[str]], idle_ms: int) -> set[str]:
+    def _touch_all(self, claims: Mapping[str, Sequence[str]], idle_ms: int) -> dict[str, list[str]]:
         by_shard: dict[int, list[str]] = {}
         for request_id, entry_ids in claims.items():
             by_shard.setdefault(self.keys.shard(request_id), []).extend(entry_ids)
-        calls = [([self.keys.requests(shard)], [self.group, self.consumer, idle_ms, *entry_ids])
-                 for shard, entry_ids in by_shard.items()]
+        shards = list(by_shard)
+        calls = [([self.keys.requests(shard)], [self.group, self.consumer, idle_ms, *by_shard[shard]])
+                 for shard in shards]
         with self._unavailable():
-            return {entry_id.decode() for owned in self._run_script(self._touch, calls) for entry_id in owned}
+            replies = self._run_script(self._touch, calls)
+        # Entry ids are per control stream: the same id can stand in two shards' streams.
+        owned = {shard: {entry_id.decode() for entry_id in reply} for shard, reply in zip(shards, replies)}
+        kept = {request_id: [entry for entry in entry_ids if entry in owned[self.keys.shard(request_id)]]
+                for request_id, entry_ids in claims.items()}
+        return {request_id: entries for request_id, entries in kept.items() if entries}
 
     def _run_script(self, script: Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run ``script`` once per call in one round trip. Unlike redis-py's pipelined scripts, no SCRIPT

@@ -186,7 +186,7 @@ class Worker:
         if self._requests:
             owned = self.broker.heartbeat({rid: state.entries for rid, state in self._requests.items()})
             for request_id, state in list(self._requests.items()):
-                state.entries = [entry for entry in state.entries if entry in owned]
+                state.entries = owned.get(request_id, [])
                 if not state.entries:  # this worker stalled past the claim timeout and a peer took it over
                     del self._requests[request_id]
                     self.metrics.lost(1)

@@ -129,7 +129,7 @@ def test_finish_loads_its_script_again_when_redis_lost_it(rig: Rig) -> None:
     rig.client.script_flush()
     assert broker.finish([_finish(claim.request_id, claim.entry_id) for claim in claims]) == [True] * 3
     rig.client.script_flush()
-    assert broker.heartbeat({"r0": [claims[0].entry_id]}) == set()  # acknowledged: no longer owned
+    assert broker.heartbeat({"r0": [claims[0].entry_id]}) == {}  # acknowledged: no longer owned
     assert len(rig.results()) == 3
 
 
@@ -158,9 +158,22 @@ def test_a_heartbeat_cannot_take_back_a_request_another_worker_recovered(rig: Ri
     (claim,) = stalled.claim(1)
     time.sleep(0.01)
     assert _ids(peer.recover_stalled(10)) == ["r1"]
-    assert stalled.heartbeat({"r1": [claim.entry_id]}) == set()
-    assert stalled.hand_back({"r1": [claim.entry_id]}) == set()
+    assert stalled.heartbeat({"r1": [claim.entry_id]}) == {}
+    assert stalled.hand_back({"r1": [claim.entry_id]}) == {}
     assert [entry["consumer"] for entry in rig.pending()] == [b"peer"]
+
+
+def test_a_heartbeat_tells_apart_equal_entry_ids_of_two_shards(client: redis.Redis, namespace: str) -> None:  # noqa: F811
+    rig = Rig(client, namespace, shards=2)
+    ours, theirs = "r0", next(f"r{n}" for n in range(1, 100) if rig.keys.shard(f"r{n}") != rig.keys.shard("r0"))
+    me = rig.broker("me")
+    me.ensure_group()
+    for request_id in (ours, theirs):  # the same entry id in both shards' control streams
+        client.xadd(rig.keys.requests(rig.keys.shard(request_id)), {"rid": request_id}, id="5-0")
+    assert sorted(_ids(me.claim(2))) == sorted([ours, theirs])
+    client.xclaim(rig.keys.requests(rig.keys.shard(theirs)), "workers", "peer", 0, ["5-0"], justid=True)
+
+    assert me.heartbeat({ours: ["5-0"], theirs: ["5-0"]}) == {ours: ["5-0"]}
 
 
 def test_a_heartbeat_keeps_an_owned_claim_fresh(rig: Rig) -> None:
@@ -168,7 +181,7 @@ def test_a_heartbeat_keeps_an_owned_claim_fresh(rig: Rig) -> None:
     owner = rig.broker("owner")
     (claim,) = owner.claim(1)
     rig.client.xclaim(rig.keys.requests(0), "workers", "owner", 0, [claim.entry_id], idle=60_000, justid=True)
-    assert owner.heartbeat({"r1": [claim.entry_id]}) == {claim.entry_id}
+    assert owner.heartbeat({"r1": [claim.entry_id]}) == {"r1": [claim.entry_id]}
     assert rig.pending()[0]["time_since_delivered"] < 1_000
     assert rig.broker("peer").recover_stalled(10) == []
 
@@ -178,7 +191,7 @@ def test_a_handed_back_request_is_recovered_by_a_peer_at_once(rig: Rig) -> None:
     leaving, peer = rig.broker("leaving"), rig.broker("peer")  # a claim timeout of 5 s for both
     (claim,) = leaving.claim(1)
     assert peer.recover_stalled(10) == []
-    assert leaving.hand_back({"r1": [claim.entry_id]}) == {claim.entry_id}
+    assert leaving.hand_back({"r1": [claim.entry_id]}) == {"r1": [claim.entry_id]}
     assert peer.recover_stalled(10) == [Claim(0, claim.entry_id, "r1")]
 
 
