@@ -99,7 +99,8 @@ def _read_results(client: redis.Redis, positions: dict[str, bytes], block_ms: in
                   count: int) -> Iterator[dict[str, Any]]:
     while True:
         with redis_errors("reading the results streams"):
-            response = _read_or_nothing(lambda: client.xread(_streams(positions), count=count, block=block_ms))
+            response = _read_or_nothing(lambda: client.xread(_streams(positions), count=count, block=block_ms),
+                                        blocking=block_ms is not None)
         if not response:
             if block_ms is not None:
                 continue
@@ -217,10 +218,14 @@ class UsageReader:
                     handled.append(entry)
             finally:
                 self.ack(handled)
+                for entry in batch[len(handled):]:
+                    # Delivered but not handled: read again from this consumer's pending entries.
+                    self._pending_from[entry.stream] = b"0"
 
     def _read(self, positions: Mapping[str, bytes], block_ms: int | None, *, pending: bool) -> list[UsageEntry]:
         response = _read_or_nothing(lambda: self._client.xreadgroup(
-            self._group, self._consumer, _streams(positions), count=self._count, block=block_ms))
+            self._group, self._consumer, _streams(positions), count=self._count, block=block_ms),
+            blocking=block_ms is not None)
         entries: list[UsageEntry] = []
         gone: list[UsageEntry] = []
         seen: set[str] = set()
@@ -251,11 +256,14 @@ def _last_id(client: redis.Redis, name: str) -> bytes:
     return last[0][0] if last else b"0-0"
 
 
-def _read_or_nothing(read: Callable[[], Any]) -> Any:
-    # A blocking read that outlives the socket timeout is "no data", not a failure.
+def _read_or_nothing(read: Callable[[], Any], *, blocking: bool) -> Any:
+    # A blocking read that outlives the socket timeout is "no data"; a plain read that times out is a slow
+    # or lost Redis, and must not look like a drained stream.
     try:
         return read()
     except redis.TimeoutError:
+        if not blocking:
+            raise
         return None
 
 

@@ -248,6 +248,28 @@ def test_events_handled_before_a_handler_failure_stay_acknowledged(fake_redis: f
     assert drain(UsageReader(fake_redis, keys)) == ["r1", "r2"]
 
 
+def test_the_same_reader_gets_unhandled_events_again_after_a_handler_failure(fake_redis: fakeredis.FakeRedis,
+                                                                              keys: Keys) -> None:
+    for n in range(3):
+        publish_usage(fake_redis, keys, f"r{n}")
+    failures = ["r1"]
+    handled: list[str] = []
+
+    def handle(event: dict[str, Any]) -> None:
+        if event["request_id"] in failures:
+            failures.remove(event["request_id"])
+            raise RuntimeError("analytics store down for a moment")
+        handled.append(event["request_id"])
+
+    reader = UsageReader(fake_redis, keys, from_start=True)
+    with pytest.raises(RuntimeError):
+        reader.consume(handle)
+    assert "r1" not in handled
+    reader.consume(handle)  # the same process tries again
+    assert sorted(handled) == ["r0", "r1", "r2"]
+    assert all(fake_redis.xpending(keys.usage(shard), "analytics")["pending"] == 0 for shard in keys.shard_ids())
+
+
 def test_unreadable_usage_entries_are_acknowledged_and_skipped(fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
     fake_redis.xadd(keys.usage(0), {contract.RID: b"bad", contract.DATA: b"\xff"})
     publish_usage(fake_redis, keys, "good")
