@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import redis
 from rq import Queue, SimpleWorker
 
 from producer import cancel, enqueue_chat_completion, wait_for_result
+from producer.analytics import format_table, summarize
 from producer.jobs import job_id
 from producer.mock_upstream import MockUpstream
 from producer.publisher import Publisher
@@ -178,29 +178,12 @@ def preview(record: dict[str, Any], width: int = 60) -> str:
 
 
 def print_usage(client: redis.Redis, settings: Settings, request_ids: set[str]) -> None:
-    """Sum the usage events per model, read the way analytics reads them: through a consumer group."""
-    by_model: dict[str, Counter[str]] = defaultdict(Counter)
-    statuses: dict[str, Counter[str]] = defaultdict(Counter)
-
-    def count(event: dict[str, Any]) -> None:
-        if event.get("request_id") not in request_ids:
-            return
-        # The model the upstream reported; the one asked for when the request failed before any output.
-        model = event.get("model") or f"{event['meta'].get('model')} (asked)"
-        totals = by_model[model]
-        totals["requests"] += 1
-        for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            totals[field] += event.get(field) or 0
-        statuses[model][event["status"]] += 1
-
-    UsageReader(client, settings.keys, group="demo", consumer="demo", from_start=True).consume(count)
-    print(f"\nusage by model (from the usage stream)\n{'model':<42} {'requests':>8} {'prompt':>7} "
-          f"{'completion':>10} {'total':>7}  statuses")
-    for model in sorted(by_model):
-        totals = by_model[model]
-        states = ", ".join(f"{status} {number}" for status, number in sorted(statuses[model].items()))
-        print(f"{model:<42} {totals['requests']:>8} {totals['prompt_tokens']:>7} {totals['completion_tokens']:>10} "
-              f"{totals['total_tokens']:>7}  {states}")
+    """Summarise the usage events per model, read the way analytics reads them: through a consumer group."""
+    events: list[dict[str, Any]] = []
+    UsageReader(client, settings.keys, group="demo", consumer="demo", from_start=True).consume(
+        lambda event: events.append(event) if event.get("request_id") in request_ids else None)
+    print("\nusage by model (python -m producer usage --summary --by model)")
+    print(format_table(summarize(events, by="model")), end="")
 
 
 # --- processes -----------------------------------------------------------------------------------------------
