@@ -27,10 +27,10 @@ from rq import Queue
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from producer.publisher import Publisher, new_request_id, redis_errors, validate_request_id
+from producer.publisher import Publisher, new_request_id, validate_request_id
 from producer.upstream import RetryPolicy, UpstreamClient, failure
 from streamfold.capture import CapturedItem
-from streamfold.connection import connect
+from streamfold.connection import connect, redis_errors
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import ConfigError, ContractError, RedisUnavailable, UpstreamError
 from streamfold.keys import Keys

@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, cast
@@ -22,8 +21,9 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from streamfold import contract
+from streamfold.connection import redis_errors
 from streamfold.contract import Mode
-from streamfold.errors import ContractError, RedisUnavailable
+from streamfold.errors import ContractError
 from streamfold.keys import Keys
 
 MAX_REQUEST_ID_LENGTH = 200
@@ -73,18 +73,6 @@ def raw_payload(chunk: object) -> bytes:
         raise ContractError(f"cannot serialise a {type(chunk).__name__} chunk: {exc}") from exc
     raise ContractError(f"cannot push a {type(chunk).__name__} as a chunk; "
                         "expected bytes, str, dict or a model with model_dump_json()")
-
-
-@contextmanager
-def redis_errors(action: str) -> Iterator[None]:
-    """Translate redis-py failures into RedisUnavailable, naming what was being done."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise RedisUnavailable(f"Redis unavailable while {action}: {exc}") from exc
-    except redis.RedisError as exc:
-        # READONLY after a failover, OOM, LOADING, NOPERM...: Redis answers, but cannot serve this now.
-        raise RedisUnavailable(f"Redis answered with an error while {action}: {exc}") from exc
 
 
 def _counter(name: str, value: int) -> int:

@@ -18,9 +18,9 @@ import redis
 from redis.client import PubSub
 from redis.typing import KeyT, StreamIdT
 
-from producer.publisher import redis_errors, validate_request_id
+from producer.publisher import validate_request_id
 from streamfold import contract
-from streamfold.connection import connect
+from streamfold.connection import connect, redis_errors
 from streamfold.errors import ContractError, ResultTimeout
 from streamfold.keys import Keys
 from streamfold.settings import Settings, load_settings

@@ -1,11 +1,21 @@
-"""The one place a Redis client is built from settings."""
+"""The one place a Redis client is built from settings, and redis-py's errors are told apart."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 
 from streamfold.errors import ConfigError
+from streamfold.errors import RedisRefused, RedisUnavailable
 from streamfold.settings import Settings
+
+# Redis cannot serve for now: lost or slow connections, a replica after a failover.
+UNAVAILABLE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+# Replies of a Redis that is there but cannot serve for now (out of memory, busy with a script, failing
+# over, loading its data set): retried like a lost connection.
+TRANSIENT_ERRORS = ("OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -25,3 +35,21 @@ def connect(settings: Settings) -> redis.Redis:
         )
     except ValueError as exc:  # redis-py names the part at fault, not the whole URL (it may hold a password)
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
+
+
+def cannot_serve(exc: BaseException) -> bool:
+    """Whether a redis-py error means Redis cannot serve for now, so that the same call may work later."""
+    return isinstance(exc, UNAVAILABLE_ERRORS) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(TRANSIENT_ERRORS))
+
+
+@contextmanager
+def redis_errors(action: str) -> Iterator[None]:
+    """redis-py's errors as Streamfold's, naming what was being done: RedisUnavailable when Redis cannot
+    serve for now, RedisRefused when it refused the command."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        if cannot_serve(exc):
+            raise RedisUnavailable(f"Redis unavailable while {action}: {type(exc).__name__}: {exc}") from exc
+        raise RedisRefused(f"Redis refused {action}: {exc}") from exc

@@ -4,7 +4,9 @@
     ├── ChunkError            a chunk that cannot be read as a chat.completion.chunk (names its position)
     ├── ContractError         a Redis entry or record that does not follow the wire contract
     ├── ConfigError           settings that cannot work (bad upstream table, unknown mode, ...)
-    ├── RedisUnavailable      Redis could not be reached or answered with a connection error
+    ├── RedisUnavailable      Redis cannot serve for now (unreachable, timed out, read-only, loading,
+    │                         out of memory): retry after a backoff
+    ├── RedisRefused          Redis refused a command (an ACL, a key of the wrong type): retrying will not help
     ├── UpstreamError         the LLM upstream failed (status, message, retryable)
     └── ResultTimeout         no result arrived within the time asked for
 
@@ -38,6 +40,10 @@ class ConfigError(StreamfoldError):
 
 class RedisUnavailable(StreamfoldError):
     """Redis could not be reached, or the connection broke."""
+
+
+class RedisRefused(StreamfoldError):
+    """Redis refused a command: a permission (ACL), a key of the wrong type, a script error."""
 
 
 class UpstreamError(StreamfoldError):

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
+from streamfold.connection import cannot_serve
 from streamfold.contract import Fields
 from streamfold.errors import RedisUnavailable
 from streamfold.keys import Keys
@@ -35,10 +36,6 @@ from streamfold.settings import Settings
 from worker.request import DeadLetter
 
 Entry = tuple[str, Fields]
-UNAVAILABLE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
-# Errors of a Redis that is there but cannot serve for now (out of memory, busy with a script, failing
-# over): retried like a lost connection.
-TRANSIENT_ERRORS = ("OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
 _TIMED_OUT = object()
 _IGNORED_BLOCK_PAUSE = 0.01
 
@@ -237,13 +234,10 @@ class Broker:
     def _unavailable(self) -> Iterator[None]:
         try:
             yield
-        except UNAVAILABLE_ERRORS as exc:
+        except redis.RedisError as exc:
             self._quiet.clear()
-            raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
-        except redis.ResponseError as exc:
-            self._quiet.clear()
-            if str(exc).startswith(TRANSIENT_ERRORS):
-                raise RedisUnavailable(f"Redis cannot serve now: {exc}") from exc
+            if cannot_serve(exc):
+                raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
             if "NOGROUP" not in str(exc):
                 raise
             # The stream or group is gone (a Redis restarted without persistence, a flush): create it

@@ -47,7 +47,8 @@ from redis.commands.core import Script
 
 from streamfold.errors import ContractError, RedisUnavailable
 from streamfold.settings import Settings
-from worker.broker import TRANSIENT_ERRORS, UNAVAILABLE_ERRORS, next_id, parse_id
+from streamfold.connection import cannot_serve
+from worker.broker import next_id, parse_id
 from worker.metrics import WorkerRecord, decode_worker_record, encode_worker_record
 
 ConsumerState = Literal["live", "quiet", "dead"]
@@ -216,9 +217,7 @@ def unavailable() -> Iterator[None]:
     """Connection errors, timeouts and a Redis that cannot serve for now leave as RedisUnavailable."""
     try:
         yield
-    except UNAVAILABLE_ERRORS as exc:
-        raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
-    except redis.ResponseError as exc:
-        if str(exc).startswith(TRANSIENT_ERRORS):
-            raise RedisUnavailable(f"Redis cannot serve now: {exc}") from exc
+    except redis.RedisError as exc:
+        if cannot_serve(exc):
+            raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
         raise

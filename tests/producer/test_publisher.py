@@ -17,7 +17,7 @@ from redis.retry import Retry
 from producer.publisher import Publisher, new_request_id, raw_payload, validate_request_id
 from streamfold import contract
 from streamfold.contract import Envelope
-from streamfold.errors import ContractError, RedisUnavailable
+from streamfold.errors import ContractError, RedisRefused, RedisUnavailable
 from streamfold.keys import Keys
 
 RECORDED_LINE = (b'{"id":"cca85624","object":"chat.completion.chunk","created":1764664568,"model":"deepseek-reasoner",'
@@ -292,5 +292,5 @@ def test_negative_or_non_integer_attempts_and_seqs_are_rejected(fake_redis: fake
 def test_redis_error_answers_surface_as_redis_unavailable(fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
     fake_redis.set(keys.chunks("req-1"), b"not a stream")
     publisher = Publisher(fake_redis, keys, batch_size=1)
-    with pytest.raises(RedisUnavailable, match="answered with an error.*WRONGTYPE"):
+    with pytest.raises(RedisRefused, match="WRONGTYPE"):
         publisher.push("req-1", b"{}")
