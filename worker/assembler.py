@@ -21,6 +21,7 @@ from worker.chunk_checks import check_choices, check_tool_calls, check_top_level
 
 _OPEN_BRACE = (b"{", "{")  # bytes first: what a worker reads from Redis
 _META: dict[str, type] = {"id": str, "model": str, "created": int, "system_fingerprint": str}
+_TOP_LEVEL = frozenset({"choices", "usage", "error", "service_tier", "object", *_META})
 
 
 class Assembler:
@@ -110,34 +111,17 @@ class Assembler:
 
     def _apply(self, chunk: dict[str, Any], position: int) -> None:
         # Read and check everything first, mutate after: a rejected chunk must change nothing.
-        choices = usage = error = tier = None
-        extra: list[tuple[str, Any]] | None = None
-        for key, value in chunk.items():
-            if value is None:
-                continue
-            expected = _META.get(key)
-            if expected is not None:
-                if type(value) is not expected:
-                    check_top_level(chunk, position)
-            elif key == "choices":
-                if type(value) is not list:
-                    check_top_level(chunk, position)
-                choices = value
-            elif key == "usage":
-                if type(value) is not dict:
-                    check_top_level(chunk, position)
-                usage = value
-            elif key == "object":
-                pass
-            elif key == "error":
-                error = value
-                check_top_level(chunk, position)
-            elif key == "service_tier":
-                tier = value
-            else:
-                if extra is None:
-                    extra = []
-                extra.append((key, value))
+        get = chunk.get
+        choices, usage, error = get("choices"), get("usage"), get("error")
+        fingerprint = get("system_fingerprint") if self._fingerprint is None else None
+        if ((choices is not None and type(choices) is not list) or (usage is not None and type(usage) is not dict)
+                or error is not None or (fingerprint is not None and type(fingerprint) is not str)
+                or (self._meta_missing and not _meta_types_ok(chunk))):
+            check_top_level(chunk, position)  # names what is wrong; an error that is fine is applied below
+        tier = get("service_tier")
+        extra = None
+        if not chunk.keys() <= _TOP_LEVEL:  # a provider's own fields: rare, so found by one set test
+            extra = [(key, value) for key, value in chunk.items() if key not in _TOP_LEVEL and value is not None]
         simple = _read_plain_choice(choices[0]) if choices and len(choices) == 1 else None
         if simple is None:
             if choices:
@@ -150,8 +134,8 @@ class Assembler:
         self._applied += 1
         if self._meta_missing:
             self._take_meta(chunk)
-        elif self._fingerprint is None and "system_fingerprint" in chunk:
-            self._fingerprint = chunk["system_fingerprint"] or None
+        elif fingerprint:
+            self._fingerprint = fingerprint
         if simple is not None:
             index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls = simple
             self._apply_plain_choice(index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls)
@@ -272,6 +256,15 @@ def normalize_error(error: dict[str, Any] | str) -> ErrorInfo:
 
 
 PlainChoice = tuple[int, str | None, str | None, str | None, str | None, str | None, str | None, list[Any] | None]
+
+
+def _meta_types_ok(chunk: dict[str, Any]) -> bool:
+    """id, model, created and system_fingerprint, when present, of the types they are read as."""
+    for key, expected in _META.items():
+        value = chunk.get(key)
+        if value is not None and type(value) is not expected:
+            return False
+    return True
 
 
 def _read_plain_choice(choice: Any) -> PlainChoice | None:
