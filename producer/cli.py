@@ -9,9 +9,9 @@ that cannot work, 1 for anything else.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+import textwrap
 import textwrap
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +38,14 @@ _READING = (*_CONNECTION, "block_ms", "read_count")
 _ENQUEUING = (*_CONNECTION, "queue", "job_timeout")
 _WORKING = (*_ENQUEUING, "upstream_connect_timeout", "upstream_read_timeout", "upstream_retries",
             "upstream_backoff", "upstream_backoff_max", "cancel_ttl")
+
+
+MOCK_UPSTREAM_HELP = textwrap.fill(
+    "Serve the recorded streams in fixtures/ as an OpenAI-compatible upstream, to test the upstream path "
+    "without any LLM. POST /v1/chat/completions with \"stream\": true answers as OpenAI does: one "
+    "`data: <chunk>` event per line of the fixture named by the request's model (a *.jsonl file stem), byte "
+    "for byte, then `data: [DONE]`. GET /v1/models lists the fixtures. Request headers or query parameters "
+    "inject the failures real upstreams show (below).", width=100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,17 +231,12 @@ def _work(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _mock_upstream(argv: Sequence[str]) -> int:
-    try:
-        # Imported only here: the other commands work without the mock upstream and its dependencies.
-        module = importlib.import_module("producer.mock_upstream")
-    except ModuleNotFoundError as exc:
-        if exc.name != "producer.mock_upstream":
-            raise
-        return _fail("mock-upstream is not available in this installation", 2)
-    parser = argparse.ArgumentParser(prog=f"{PROG} mock-upstream", description=(module.__doc__ or "").strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(argv)))
+    # Imported only here: the other commands do not need the HTTP server.
+    from producer import mock_upstream
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} mock-upstream", description=MOCK_UPSTREAM_HELP)
+    mock_upstream.add_arguments(parser)
+    return mock_upstream.run(parser.parse_args(argv))
 
 
 # --- plumbing -------------------------------------------------------------------------------------------
