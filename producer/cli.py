@@ -36,8 +36,9 @@ Command = Callable[[argparse.Namespace, Settings], int]
 _CONNECTION = ("redis_url", "namespace", "shards", "socket_timeout")
 _READING = (*_CONNECTION, "block_ms", "read_count")
 _ENQUEUING = (*_CONNECTION, "queue", "job_timeout")
+_PUBLISHING = (*_CONNECTION, "stream_max_age")
 _WORKING = (*_ENQUEUING, "upstream_connect_timeout", "upstream_read_timeout", "upstream_retries",
-            "upstream_backoff", "upstream_backoff_max", "cancel_ttl")
+            "upstream_backoff", "upstream_backoff_max", "cancel_ttl", "stream_max_age")
 
 
 MOCK_UPSTREAM_HELP = textwrap.fill(
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="summarise the events published in the last DURATION: 30s, 15m, 2h, 7d")
     usage.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
-    play = _command(commands, "replay", _replay, _CONNECTION, "push captured streams as new requests",
+    play = _command(commands, "replay", _replay, _PUBLISHING, "push captured streams as new requests",
                     "Push captured streams (JSON Lines or SSE text) as new requests, exactly as a producer "
                     "would, and print one request id per line in input order.")
     play.add_argument("files", nargs="+", metavar="FILE", help="a capture file; - reads one from stdin")
@@ -203,7 +204,7 @@ def _usage_summary(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    with connect(settings) as client, Publisher(client, settings.keys) as publisher:
+    with connect(settings) as client, Publisher(client, settings.keys, max_age=settings.stream_max_age) as publisher:
         request_ids = replay(publisher, args.files, copies=args.copies, rate=args.rate, mode=args.mode)
     sys.stdout.write("".join(f"{request_id}\n" for request_id in request_ids))
     sys.stdout.flush()

@@ -34,7 +34,7 @@ from streamfold.connection import connect, redis_errors
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import ConfigError, ContractError, RedisUnavailable, UpstreamError
 from streamfold.keys import Keys
-from streamfold.settings import DEFAULT_UPSTREAM, Settings, Upstream, load_settings
+from streamfold.settings import DEFAULT_UPSTREAM, STREAM_MAX_AGE, Settings, Upstream, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def cancel(request_id: str, *, client: redis.Redis | None = None, settings: Sett
             except InvalidJobOperation:
                 pass  # cancelled through rq already; the request still needs its result
             meta = job.kwargs.get("meta") or {}
-        publisher = Publisher(client, keys, batch_size=1)
+        publisher = Publisher(client, keys, batch_size=1, max_age=settings.stream_max_age)
         publisher.start(request_id, meta)
         publisher.fail(request_id, CANCELLED_ERROR)
         log.info("request %s: cancelled before its job started", request_id)
@@ -137,7 +137,7 @@ def run_chat_completion(request_id: str, upstream: str, params: dict[str, Any],
     settings = load_settings()
     with connect(settings) as client:
         run = CompletionRun(client, settings.keys, policy=RetryPolicy.from_settings(settings),
-                            claim_ttl=settings.job_timeout + settings.cancel_ttl)
+                            claim_ttl=settings.job_timeout + settings.cancel_ttl, max_age=settings.stream_max_age)
         try:
             config = settings.upstream(upstream)
             http = UpstreamClient.from_settings(settings, config)
@@ -160,11 +160,12 @@ class CompletionRun:
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, *, policy: RetryPolicy = RetryPolicy(),
-                 claim_ttl: int = 3_600, check_interval: float = CANCEL_CHECK_INTERVAL,
+                 claim_ttl: int = 3_600, max_age: int = STREAM_MAX_AGE, check_interval: float = CANCEL_CHECK_INTERVAL,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self._keys = keys
-        self._publisher = Publisher(client, keys, batch_size=1)  # live: each chunk reaches Redis as it comes
+        # Live: each chunk reaches Redis as it comes.
+        self._publisher = Publisher(client, keys, batch_size=1, max_age=max_age)
         self._policy = policy
         self._claim_ttl = claim_ttl
         self._check_interval = check_interval

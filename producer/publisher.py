@@ -25,6 +25,7 @@ from streamfold.connection import redis_errors
 from streamfold.contract import Mode
 from streamfold.errors import ContractError
 from streamfold.keys import Keys
+from streamfold.settings import STREAM_MAX_AGE
 
 MAX_REQUEST_ID_LENGTH = 200
 DEFAULT_BATCH_SIZE = 500
@@ -109,11 +110,15 @@ class Publisher:
     the request as a new attempt (``new_attempt``): workers assemble only the latest attempt.
 
     The client must return bytes (``decode_responses=False``, as ``streamfold.connection.connect`` builds it).
+    ``max_age`` (``STREAMFOLD_STREAM_MAX_AGE``) bounds how long a chunk stream lives if no worker ever
+    finishes its request; the finish cuts it to ``chunk_ttl``.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_age: int = STREAM_MAX_AGE) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self._max_age = max_age
         self._client = client
         self._keys = keys
         self._batch_size = batch_size
@@ -140,6 +145,7 @@ class Publisher:
         # always finds the start, and no start exists that no worker will be handed.
         with redis_errors(f"starting request {request_id}"), self._client.pipeline(transaction=True) as tx:
             tx.xadd(self._keys.chunks(request_id), _entry(start))
+            tx.expire(self._keys.chunks(request_id), self._max_age, nx=True)
             tx.xadd(self._keys.requests(shard), {"rid": request_id.encode(), "ts": start["ts"]})
             tx.execute()
         self._requests.setdefault(request_id, _Progress())
@@ -168,6 +174,7 @@ class Publisher:
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
         self._buffer(request_id, contract.encode_end(attempt=attempt, ts_ms=_now_ms()))
+        self._expire_unless_set(request_id)
         self.flush()
         # Forgotten only once sent: a caller that retries after a failed send keeps its attempt.
         del self._requests[request_id]
@@ -179,6 +186,7 @@ class Publisher:
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
         self._buffer(request_id, contract.encode_error(info, attempt=attempt, ts_ms=_now_ms()))
+        self._expire_unless_set(request_id)
         self.flush()
         del self._requests[request_id]
 
@@ -224,6 +232,11 @@ class Publisher:
             # Started elsewhere (another process or publisher): continue it from attempt 0, seq 0.
             progress = self._requests[validate_request_id(request_id)] = _Progress()
         return progress
+
+    def _expire_unless_set(self, request_id: str) -> None:
+        # NX: a finish that already cut the stream's life to chunk_ttl keeps it; a stream recreated by pushes
+        # after it expired, or one never started here, gets the safety net.
+        self._pipe.expire(self._keys.chunks(request_id), self._max_age, nx=True)
 
     def _buffer(self, request_id: str, fields: dict[str, bytes]) -> None:
         self._pipe.xadd(self._keys.chunks(request_id), _entry(fields))

@@ -37,6 +37,12 @@ class Upstream(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+# The longest a chunk stream lives when nothing finishes its request: set by the producer's start (and again
+# by its end), cut to ``chunk_ttl`` by the finish. Without it, a request no worker ever finishes, or a stray
+# push after a finished stream expired, would keep its chunks in Redis for ever.
+STREAM_MAX_AGE = 86_400
+
+
 class Settings(BaseSettings):
     """Everything a producer, worker or reader can be tuned with; each field is ``STREAMFOLD_<NAME>``."""
 
@@ -58,6 +64,8 @@ class Settings(BaseSettings):
 
     result_ttl: int = Field(86_400, ge=1, description="seconds a result stays readable by request id")
     chunk_ttl: int = Field(600, ge=1, description="seconds a finished request's chunks stay readable")
+    stream_max_age: int = Field(STREAM_MAX_AGE, ge=1, description=(
+        "seconds a request's chunk stream lives at most when no worker finishes it (a safety net)"))
     results_max_age: int = Field(86_400, ge=1, description=(
         "seconds an entry stays in the results streams, unless a consumer group still needs it"))
     usage_max_age: int = Field(604_800, ge=1, description=(

@@ -60,7 +60,7 @@ def test_start_writes_the_start_envelope_and_the_control_entry_in_one_transactio
     [(transactional, commands)] = sent
     assert transactional
     assert [command[:2] for command in commands] == [
-        ("XADD", keys.chunks("req-1")), ("XADD", keys.requests(keys.shard("req-1")))]
+        ("XADD", keys.chunks("req-1")), ("EXPIRE", keys.chunks("req-1")), ("XADD", keys.requests(keys.shard("req-1")))]
     [start] = envelopes(fake_redis, keys, "req-1")
     assert start.kind == "start" and start.attempt == 0
     assert contract.decode_start(start) == contract.Start({"user": "u1"}, "cumulative")
@@ -294,3 +294,18 @@ def test_redis_error_answers_surface_as_redis_unavailable(fake_redis: fakeredis.
     publisher = Publisher(fake_redis, keys, batch_size=1)
     with pytest.raises(RedisRefused, match="WRONGTYPE"):
         publisher.push("req-1", b"{}")
+
+
+def test_a_chunk_stream_lives_no_longer_than_max_age_unless_a_finish_cut_it_shorter(
+        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
+    publisher = Publisher(fake_redis, keys, batch_size=1, max_age=1_000)
+    publisher.start("req-1")
+    assert 990 < fake_redis.ttl(keys.chunks("req-1")) <= 1_000
+    fake_redis.expire(keys.chunks("req-1"), 60)  # as the worker's finish does
+    publisher.end("req-1")
+    assert fake_redis.ttl(keys.chunks("req-1")) <= 60
+
+    stray = Publisher(fake_redis, keys, batch_size=1, max_age=1_000)  # pushes for a stream never started here
+    stray.push("req-2", b"{}")
+    stray.end("req-2")
+    assert 990 < fake_redis.ttl(keys.chunks("req-2")) <= 1_000
