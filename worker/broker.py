@@ -7,11 +7,11 @@
     heartbeat       keep claims on in-flight requests fresh, owner-checked (worker/lua/touch.lua)
     hand_back       make claims recoverable by peers at once, owner-checked (same script)
     recover_stalled take over requests whose owner stopped heartbeating (XAUTOCLAIM)
-    trim            drop control entries no group needs any more (XTRIM MINID)
     leave           remove this consumer from the group when it owns nothing
 
-Every command of one call touches keys of one shard slot, so the same code runs on Redis Cluster. redis-py
-connection errors and timeouts leave this module as ``RedisUnavailable``; a blocking read that outlives the
+Every command and script touches keys of one shard slot. Trimming the control stream is housekeeping's
+(worker/housekeeping.py), done by one worker of the pool at a time. redis-py connection errors and
+timeouts leave this module as ``RedisUnavailable``; a blocking read that outlives the
 socket timeout is "no data".
 """
 
@@ -198,29 +198,6 @@ class Broker:
                     if cursor in (b"0-0", "0-0"):
                         break
         return claims
-
-    def trim(self) -> int:
-        """Delete control entries below the oldest one any group still needs; returns how many went.
-
-        Never by length: MAXLEN would also delete entries no worker has been handed yet. What every
-        group still needs starts at its oldest pending entry, or just after its last delivered one.
-        Computing it first and trimming after is safe: entries added or delivered meanwhile are newer.
-        """
-        trimmed = 0
-        with self._unavailable():
-            for shard in self._shards:
-                key = self.keys.requests(shard)
-                needed: list[tuple[int, int]] = []
-                for group in self._redis.xinfo_groups(key):
-                    needed.append(next_id(group["last-delivered-id"]))
-                    if group["pending"]:
-                        oldest = self._redis.xpending(key, group["name"])["min"]
-                        if oldest is not None:  # None: all acknowledged since XINFO answered
-                            needed.append(parse_id(oldest))
-                if needed:
-                    low = min(needed)
-                    trimmed += int(self._redis.xtrim(key, minid=f"{low[0]}-{low[1]}", approximate=False))
-        return trimmed
 
     def leave(self) -> None:
         """Remove this consumer from the group on every shard where it owns no pending entry."""

@@ -129,7 +129,7 @@ class Housekeeper:
             done.workers_forgotten = self.forget_workers(records, now_ms)
             done.consumers_removed = self.reap_consumers(
                 {name for name, record in records.items() if is_fresh(record, now_ms, self._settings)})
-            done.trimmed = self.trim_outputs(now_ms, done.problems)
+            done.trimmed = {**self.trim_control(), **self.trim_outputs(now_ms, done.problems)}
         except redis.ResponseError as exc:  # a command refused (an ACL, say): housekeeping never stops a worker
             done.problems.append(str(exc))
         return done
@@ -187,9 +187,18 @@ class Housekeeper:
                     problems.append(f"{key}: {exc}")
         return trimmed
 
-    def trim_stream(self, key: str, older_than_ms: int) -> int:
-        """Delete entries older than ``older_than_ms`` (Redis time) that no consumer group still needs."""
-        bound = (max(0, older_than_ms), 0)
+    def trim_control(self) -> dict[str, int]:
+        """Delete the control entries every group is done with (acknowledged, or delivered to a group that
+        does not ack); never by age or length, since an entry no worker was handed yet must stay."""
+        return {key: self.trim_stream(key, None) for key in map(self.keys.requests, self.keys.shard_ids())}
+
+    def trim_stream(self, key: str, older_than_ms: int | None) -> int:
+        """Delete entries older than ``older_than_ms`` (Redis time) that no consumer group still needs.
+
+        ``None``: no age bound, only what the groups are done with; a stream without groups keeps everything.
+        Computing the bound first and trimming after is safe: entries added or delivered meanwhile are newer.
+        """
+        bound = None if older_than_ms is None else (max(0, older_than_ms), 0)
         with unavailable():
             try:
                 groups = self._redis.xinfo_groups(key)
@@ -198,11 +207,12 @@ class Housekeeper:
                     return 0
                 raise
             for group in groups:
-                bound = min(bound, next_id(group["last-delivered-id"]))
+                needed = [next_id(group["last-delivered-id"])]
                 oldest = self._redis.xpending(key, group["name"])["min"] if group["pending"] else None
                 if oldest is not None:  # None also when all were acknowledged since XINFO answered
-                    bound = min(bound, parse_id(oldest))
-            if bound <= (0, 1):
+                    needed.append(parse_id(oldest))
+                bound = min(needed) if bound is None else min(bound, *needed)
+            if bound is None or bound <= (0, 1):
                 return 0
             return int(self._redis.xtrim(key, minid=f"{bound[0]}-{bound[1]}", approximate=False))
 

@@ -206,8 +206,6 @@ class Worker:
     def _housekeep_if_due(self) -> None:
         now = self._clock()
         if self._drain_until is None and self._housekeeping.due(now):
-            trimmed = self.broker.trim()
-            self._log.debug("control_trimmed", entries=trimmed)
             done = self.housekeeper.run(lease_s=self._settings.claim_timeout)
             if done is not None:
                 self._log_housekeeping(done)

@@ -14,6 +14,7 @@ from streamfold.contract import encode_record
 from streamfold.errors import RedisUnavailable
 from streamfold.settings import Settings
 from worker.broker import Broker, Claim, Finish
+from worker.housekeeping import Housekeeper
 from worker.request import DeadLetter
 
 
@@ -214,18 +215,27 @@ def test_trim_deletes_only_control_entries_no_group_needs(rig: Rig) -> None:
     for n in range(6):
         rig.publish(f"r{n}", [])
     broker = rig.broker()
+    keeper = Housekeeper(rig.client, rig.settings, "w1")
     claims = broker.claim(4)
     for claim in claims[:2] + claims[3:]:
         broker.finish([_finish(claim.request_id, claim.entry_id)])
     rig.client.xgroup_create(rig.keys.requests(0), "audit", id=claims[1].entry_id)
-    assert broker.trim() == 2  # r0, r1: acked by workers and already delivered to audit
+    assert keeper.trim_control() == {rig.keys.requests(0): 2}  # r0, r1: acked, and delivered to audit
     remaining = [entry_id.decode() for entry_id, _ in rig.client.xrange(rig.keys.requests(0))]
     assert remaining[0] == claims[2].entry_id  # r2 is still pending; r4 and r5 were never delivered
     assert len(remaining) == 4
     rig.client.xgroup_destroy(rig.keys.requests(0), "audit")
     broker.finish([_finish(claims[2].request_id, claims[2].entry_id)])
-    assert broker.trim() == 2
+    assert keeper.trim_control() == {rig.keys.requests(0): 2}
     assert _ids(broker.claim(10)) == ["r4", "r5"]
+
+
+def test_control_entries_are_never_trimmed_before_a_worker_group_exists(rig: Rig) -> None:
+    for n in range(3):
+        rig.publish(f"r{n}", [])
+    keeper = Housekeeper(rig.client, rig.settings, "w1")
+    assert keeper.trim_control() == {rig.keys.requests(0): 0}
+    assert rig.client.xlen(rig.keys.requests(0)) == 3
 
 
 def test_leave_removes_the_consumer_only_when_it_owns_nothing(rig: Rig) -> None:
