@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 from typing import Any
 
@@ -84,6 +83,8 @@ class Broker:
         # here, so a busy worker with room wakes for a new request instead of sleeping out its block.
         self._control_seen = {shard: "0-0" for shard in self._shards}
         self._control_keys = {keys.requests(shard).encode(): shard for shard in self._shards}
+        # Each in-flight request's shard and chunk stream name, asked for on every read: computed once.
+        self._streams: dict[str, tuple[int, bytes]] = {}
         # Shards whose control stream had nothing left to claim at the last look and, as far as the
         # watching reads since then show, still has nothing.
         self._quiet: set[int] = set()
@@ -142,8 +143,12 @@ class Broker:
         # Stream names go out as bytes: redis-py packs them faster, and a read names every request in flight.
         plans: dict[int, dict[bytes, str]] = {}
         owners: dict[bytes, str] = {}
+        streams = self._streams
         for request_id, cursor in cursors.items():
-            shard, stream = _request_stream(self.keys, request_id)
+            place = streams.get(request_id)
+            if place is None:
+                place = streams[request_id] = (self.keys.shard(request_id), self.keys.chunks(request_id).encode())
+            shard, stream = place
             plans.setdefault(shard, {})[stream] = cursor
             owners[stream] = request_id
         if watch:
@@ -170,15 +175,23 @@ class Broker:
         """Run the finish script for each request, in one round trip; True where this call published."""
         calls = [self._finish_call(finish) for finish in finishes]
         with self._unavailable():
-            return [bool(published) for published in self._run_script(self._finish, calls)]
+            published = [bool(first) for first in self._run_script(self._finish, calls)]
+        for finish in finishes:
+            self._streams.pop(finish.request_id, None)
+        return published
 
     def heartbeat(self, claims: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         """Refresh the claims on these requests' control entries; returns, by request, the entries still
         owned (requests with none left are missing)."""
-        return self._touch_all(claims, idle_ms=0)
+        owned = self._touch_all(claims, idle_ms=0)
+        for request_id in claims.keys() - owned.keys():
+            self._streams.pop(request_id, None)  # taken over by a peer: no longer read here
+        return owned
 
     def hand_back(self, claims: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         """Mark these claims idle for a whole claim timeout, so that a peer's recovery takes them at once."""
+        for request_id in claims:
+            self._streams.pop(request_id, None)
         return self._touch_all(claims, idle_ms=self._claim_timeout_ms)
 
     def recover_stalled(self, count: int) -> list[Claim]:
@@ -361,12 +374,6 @@ class Broker:
         self._turn += 1
         start = self._turn % len(self._shards)
         return self._shards[start:] + self._shards[:start]
-
-
-@lru_cache(maxsize=1 << 16)
-def _request_stream(keys: Keys, request_id: str) -> tuple[int, bytes]:
-    """A request's shard and chunk stream name: asked for on every read of every request in flight."""
-    return keys.shard(request_id), keys.chunks(request_id).encode()
 
 
 def _slice(block_ms: int, ways: int) -> int:
