@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 import textwrap
-import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any

@@ -235,7 +235,7 @@ class CompletionRun:
                     self._publisher.fail(request_id, CANCELLED_ERROR, attempt=attempt)
                     return "cancelled"
                 if item.kind == "error":
-                    self._publisher.fail(request_id, _error_body(item.data), attempt=attempt)
+                    self._publisher.fail(request_id, item.error_body(), attempt=attempt)
                     return "failed"
                 self._publisher.push(request_id, item.data, attempt=attempt)
                 self._pushed += 1
@@ -301,15 +301,6 @@ def _json_object(value: Mapping[str, Any], what: str) -> dict[str, Any]:
     except TypeError as exc:
         raise ContractError(f"{what} must be JSON-serialisable: {exc}") from exc
     return dict(value)
-
-
-def _error_body(data: bytes) -> dict[str, Any] | str:
-    """An SSE error event's data: its JSON error body when it has one, its text otherwise."""
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data.decode("utf-8", "replace")
-    return body if isinstance(body, dict) else data.decode("utf-8", "replace")
 
 
 def _describe(exc: UpstreamError) -> str:

@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import orjson
 
 from producer.publisher import Publisher, new_request_id
 from streamfold.capture import CapturedItem, read_capture
@@ -52,21 +51,12 @@ def _push_capture(publisher: Publisher, request_id: str, items: Sequence[Capture
             pacer.wait()
             publisher.push(request_id, item.data)
         elif item.kind == "error":
-            publisher.fail(request_id, _error_body(item.data))
+            publisher.fail(request_id, item.error_body())
             return
         else:
             publisher.end(request_id)
             return
     publisher.end(request_id)
-
-
-def _error_body(data: bytes) -> dict[str, object] | str:
-    """An SSE error event's data: a JSON error body when it is one, its text otherwise."""
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data.decode(errors="replace")
-    return body if isinstance(body, dict) else data.decode(errors="replace")
 
 
 def _source_name(file: str | Path) -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+import orjson
 
 Item = Literal["chunk", "error", "done"]
 
@@ -19,6 +21,14 @@ Item = Literal["chunk", "error", "done"]
 class CapturedItem:
     kind: Item
     data: bytes = b""
+
+    def error_body(self) -> dict[str, Any] | str:
+        """An error item's data: its JSON error body when it has one, its text otherwise."""
+        try:
+            body = orjson.loads(self.data)
+        except orjson.JSONDecodeError:
+            return self.data.decode("utf-8", "replace")
+        return body if isinstance(body, dict) else self.data.decode("utf-8", "replace")
 
 
 def read_capture(lines: Iterable[bytes]) -> Iterator[CapturedItem]:

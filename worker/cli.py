@@ -181,13 +181,5 @@ def _assemble_file(name: str, mode: Any) -> dict[str, Any]:
             if item.kind == "chunk":
                 assembler.feed(item.data)
             elif item.kind == "error":
-                assembler.fail(_error_payload(item.data))
+                assembler.fail(item.error_body())
     return dict(assembler.result(request_id=name, meta={"source": name}))
-
-
-def _error_payload(data: bytes) -> dict[str, Any] | str:
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data.decode("utf-8", "replace")
-    return payload if isinstance(payload, dict) else str(payload)
