@@ -17,11 +17,10 @@ import orjson
 from streamfold.contract import MODES, ErrorInfo, Mode, ResultRecord
 from streamfold.errors import ChunkError
 from worker.choice import ChoiceState, merge_field
-from worker.chunk_checks import check_choices, check_tool_calls, check_top_level
+from worker.chunk_checks import META_TYPES, check_choices, check_tool_calls, check_top_level, meta_types_ok
 
 _OPEN_BRACE = (b"{", "{")  # bytes first: what a worker reads from Redis
-_META: dict[str, type] = {"id": str, "model": str, "created": int, "system_fingerprint": str}
-_TOP_LEVEL = frozenset({"choices", "usage", "error", "service_tier", "object", *_META})
+_TOP_LEVEL = frozenset({"choices", "usage", "error", "service_tier", "object", *META_TYPES})
 
 
 class Assembler:
@@ -44,7 +43,6 @@ class Assembler:
         self._choices: dict[int, ChoiceState] = {}
         self._meta_missing = True
         self._next_is_error = False
-        self.done = False  # saw ``data: [DONE]``
 
     # --- input -----------------------------------------------------------------------------------------
 
@@ -98,7 +96,6 @@ class Assembler:
         value = value[1:] if value.startswith(" ") else value
         if field == "data":
             if value.strip() == "[DONE]":
-                self.done = True
                 return None
             return value
         if field == "event":
@@ -116,7 +113,7 @@ class Assembler:
         fingerprint = get("system_fingerprint") if self._fingerprint is None else None
         if ((choices is not None and type(choices) is not list) or (usage is not None and type(usage) is not dict)
                 or error is not None or (fingerprint is not None and type(fingerprint) is not str)
-                or (self._meta_missing and not _meta_types_ok(chunk))):
+                or (self._meta_missing and not meta_types_ok(chunk))):
             check_top_level(chunk, position)  # names what is wrong; an error that is fine is applied below
         tier = get("service_tier")
         extra = None
@@ -134,7 +131,7 @@ class Assembler:
         self._applied += 1
         if self._meta_missing:
             self._take_meta(chunk)
-        elif fingerprint:
+        if fingerprint:
             self._fingerprint = fingerprint
         if simple is not None:
             index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls = simple
@@ -180,16 +177,14 @@ class Assembler:
             state.finish_reason = finish
 
     def _take_meta(self, chunk: dict[str, Any]) -> None:
-        """id, model, created, system_fingerprint: the first non-empty value of each."""
+        """id, model, created: the first non-empty value of each."""
         if self._id is None:
             self._id = chunk.get("id") or None
         if self._model is None:
             self._model = chunk.get("model") or None
         if self._created is None:
             self._created = chunk.get("created") or None
-        if self._fingerprint is None:
-            self._fingerprint = chunk.get("system_fingerprint") or None
-        # Many providers never send a fingerprint: stop looking once the rest is known.
+        # The fingerprint is looked for apart: many providers never send one.
         self._meta_missing = None in (self._id, self._model, self._created)
 
     # --- output ----------------------------------------------------------------------------------------
@@ -256,15 +251,6 @@ def normalize_error(error: dict[str, Any] | str) -> ErrorInfo:
 
 
 PlainChoice = tuple[int, str | None, str | None, str | None, str | None, str | None, str | None, list[Any] | None]
-
-
-def _meta_types_ok(chunk: dict[str, Any]) -> bool:
-    """id, model, created and system_fingerprint, when present, of the types they are read as."""
-    for key, expected in _META.items():
-        value = chunk.get(key)
-        if value is not None and type(value) is not expected:
-            return False
-    return True
 
 
 def _read_plain_choice(choice: Any) -> PlainChoice | None:

@@ -14,6 +14,18 @@ _STR_OR_NONE = (str, type(None))
 _DELTA_TEXT = ("role", "refusal", "reasoning_content", "reasoning")
 _DELTA_FIELDS = frozenset(("content", "tool_calls", "function_call", *_DELTA_TEXT))
 _NOT_STR = {"tool_calls": "a list", "function_call": "an object"}
+# The chunk's own fields the Assembler reads while it still looks for them, and their types.
+META_TYPES: dict[str, type] = {"id": str, "model": str, "created": int, "system_fingerprint": str}
+_TYPE_NAMES = {str: "a string", int: "an integer"}
+
+
+def meta_types_ok(chunk: dict[str, Any]) -> bool:
+    """id, model, created and system_fingerprint, when present, are of the types they are read as."""
+    for key, expected in META_TYPES.items():
+        value = chunk.get(key)
+        if value is not None and type(value) is not expected:
+            return False
+    return True
 
 
 def check_top_level(chunk: dict[str, Any], position: int) -> None:
@@ -23,13 +35,10 @@ def check_top_level(chunk: dict[str, Any], position: int) -> None:
     choices = chunk.get("choices")
     if choices is not None and type(choices) is not list:
         _fail(position, "choices", "a list", choices)
-    for key in ("id", "model", "system_fingerprint"):
+    for key, expected in META_TYPES.items():
         value = chunk.get(key)
-        if value is not None and type(value) is not str:
-            _fail(position, key, "a string", value)
-    created = chunk.get("created")
-    if created is not None and type(created) is not int:
-        _fail(position, "created", "an integer", created)
+        if value is not None and type(value) is not expected:
+            _fail(position, key, _TYPE_NAMES[expected], value)
     usage = chunk.get("usage")
     if usage is not None and type(usage) is not dict:
         _fail(position, "usage", "an object", usage)
