@@ -137,13 +137,8 @@ class Assembler:
             index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls = simple
             self._apply_plain_choice(index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls)
         elif choices:
-            states = self._choices
             for choice in choices:
-                index = choice.get("index") or 0
-                state = states.get(index)
-                if state is None:
-                    state = states[index] = ChoiceState(index)
-                _apply_choice(state, choice)
+                _apply_choice(self._choice(choice.get("index") or 0), choice)
         if usage is not None:
             self._usage = usage
         if tier is not None:
@@ -157,9 +152,7 @@ class Assembler:
     def _apply_plain_choice(self, index: int, finish: str | None, content: str | None, role: str | None,
                             reasoning_content: str | None, reasoning: str | None, refusal: str | None,
                             tool_calls: list[Any] | None) -> None:
-        state = self._choices.get(index)
-        if state is None:
-            state = self._choices[index] = ChoiceState(index)
+        state = self._choice(index)
         if content is not None:
             state.content.add(content)
         if role and state.role is None:
@@ -175,6 +168,12 @@ class Assembler:
                 state.add_tool_call(fragment)
         if finish is not None:
             state.finish_reason = finish
+
+    def _choice(self, index: int) -> ChoiceState:
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = ChoiceState(index)
+        return state
 
     def _take_meta(self, chunk: dict[str, Any]) -> None:
         """id, model, created: the first non-empty value of each."""
