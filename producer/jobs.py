@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Generator, Mapping
+from contextlib import closing
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -30,7 +30,7 @@ from rq.job import Job, JobStatus
 from producer.publisher import Publisher, new_request_id, validate_request_id
 from producer.upstream import RetryPolicy, UpstreamClient, failure
 from streamfold.capture import CapturedItem
-from streamfold.connection import connect, redis_errors
+from streamfold.connection import connect, connected, redis_errors
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import ConfigError, ContractError, RedisUnavailable, UpstreamError
 from streamfold.keys import Keys
@@ -79,7 +79,7 @@ def enqueue_chat_completion(params: Mapping[str, Any], *, upstream: str = DEFAUL
     """
     request_id = new_request_id() if request_id is None else validate_request_id(request_id)
     body, meta_dict = _json_object(params, "params"), _json_object(meta or {}, "meta")
-    with _connected(client, settings) as (client, settings):
+    with connected(client, settings) as (client, settings):
         if settings.upstreams:
             settings.upstream(upstream)
         queue = Queue(settings.queue, connection=client)
@@ -104,7 +104,7 @@ def cancel(request_id: str, *, client: redis.Redis | None = None, settings: Sett
     already finished. A running job stops within about ``CANCEL_CHECK_INTERVAL`` of its next chunk.
     """
     validate_request_id(request_id)
-    with _connected(client, settings) as (client, settings):
+    with connected(client, settings) as (client, settings):
         keys = settings.keys
         with redis_errors(f"cancelling request {request_id}"):
             try:
@@ -172,7 +172,6 @@ class CompletionRun:
         self._sleep = sleep
         self._clock = clock
         self._last_check = float("-inf")
-        self._pushed = 0
         self.calls = 0
 
     def run(self, request_id: str, upstream: ChatStream, body: Mapping[str, Any], *,
@@ -218,7 +217,7 @@ class CompletionRun:
                 retry += 1
                 log.warning("request %s: upstream failed (%s); retry %d of %d in %.2f s",
                             request_id, _describe(exc), retry, self._policy.retries, delay)
-                if self._pushed:
+                if self._publisher.pushed(request_id, attempt):
                     attempt = self._publisher.new_attempt(request_id)
                 if self._wait_cancelled(request_id, delay):
                     self._publisher.fail(request_id, CANCELLED_ERROR, attempt=attempt)
@@ -227,7 +226,6 @@ class CompletionRun:
     def _call(self, request_id: str, upstream: ChatStream, body: Mapping[str, Any], attempt: int) -> Outcome:
         """One upstream call: push what it streams; raises UpstreamError when the call fails."""
         self.calls += 1
-        self._pushed = 0
         with closing(upstream.stream_chat(body)) as items:
             for item in items:
                 if self._cancel_requested(request_id):
@@ -238,7 +236,6 @@ class CompletionRun:
                     self._publisher.fail(request_id, item.error_body(), attempt=attempt)
                     return "failed"
                 self._publisher.push(request_id, item.data, attempt=attempt)
-                self._pushed += 1
         self._publisher.end(request_id, attempt=attempt)
         return "ended"
 
@@ -280,17 +277,6 @@ class CompletionRun:
             self._publisher.fail(request_id, error)
         except RedisUnavailable:
             log.error("request %s: could not publish the failure; workers will find it stalled", request_id)
-
-
-@contextmanager
-def _connected(client: redis.Redis | None, settings: Settings | None) -> Iterator[tuple[redis.Redis, Settings]]:
-    """The settings (read from the environment when not given) and a client, closed afterwards if ours."""
-    settings = load_settings() if settings is None else settings
-    if client is not None:
-        yield client, settings
-        return
-    with connect(settings) as own:
-        yield own, settings
 
 
 def _json_object(value: Mapping[str, Any], what: str) -> dict[str, Any]:

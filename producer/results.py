@@ -20,10 +20,10 @@ from redis.typing import KeyT, StreamIdT
 
 from producer.publisher import validate_request_id
 from streamfold import contract
-from streamfold.connection import connect, redis_errors
+from streamfold.connection import connected, redis_errors
 from streamfold.errors import ContractError, ResultTimeout
 from streamfold.keys import Keys
-from streamfold.settings import Settings, load_settings
+from streamfold.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,9 @@ def wait_for_result(request_id: str, timeout: float, *, client: redis.Redis | No
     ``settings`` (default: read from the environment now) gives the keys, and the client when none is given.
     """
     validate_request_id(request_id)
-    settings = settings if settings is not None else load_settings()
-    keys = settings.keys
-    own_client = client is None
-    client = connect(settings) if client is None else client
-    deadline = time.monotonic() + max(timeout, 0.0)
-    try:
+    with connected(client, settings) as (client, settings):
+        keys = settings.keys
+        deadline = time.monotonic() + max(timeout, 0.0)
         pubsub: PubSub = client.pubsub()  # type: ignore[no-untyped-call]
         with redis_errors(f"waiting for the result of {request_id}"), pubsub:
             pubsub.subscribe(keys.notify(request_id))
@@ -68,9 +65,6 @@ def wait_for_result(request_id: str, timeout: float, *, client: redis.Redis | No
                 if time.monotonic() >= deadline:
                     raise ResultTimeout(f"no result for {request_id} within {timeout:g} s")
                 _until(pubsub, deadline, "message")
-    finally:
-        if own_client:
-            client.close()
 
 
 def _until(pubsub: PubSub, deadline: float, kind: str) -> None:

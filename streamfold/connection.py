@@ -9,7 +9,7 @@ import redis
 
 from streamfold.errors import ConfigError
 from streamfold.errors import RedisRefused, RedisUnavailable
-from streamfold.settings import Settings
+from streamfold.settings import Settings, load_settings
 
 # Redis cannot serve for now: lost or slow connections, a replica after a failover.
 UNAVAILABLE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
@@ -53,3 +53,14 @@ def redis_errors(action: str) -> Iterator[None]:
         if cannot_serve(exc):
             raise RedisUnavailable(f"Redis unavailable while {action}: {type(exc).__name__}: {exc}") from exc
         raise RedisRefused(f"Redis refused {action}: {exc}") from exc
+
+
+@contextmanager
+def connected(client: redis.Redis | None, settings: Settings | None) -> Iterator[tuple[redis.Redis, Settings]]:
+    """The settings (read from the environment when not given) and a client, closed afterwards if ours."""
+    settings = load_settings() if settings is None else settings
+    if client is not None:
+        yield client, settings
+        return
+    with connect(settings) as own:
+        yield own, settings
