@@ -25,7 +25,7 @@ import httpx
 import orjson
 from httpx_sse import EventSource, SSEError
 
-from streamfold.capture import CapturedItem
+from streamfold.capture import CapturedItem, sse_item
 from streamfold.contract import ErrorInfo
 from streamfold.errors import ConfigError, UpstreamError
 from streamfold.settings import Settings, Upstream
@@ -194,13 +194,14 @@ class UpstreamClient:
                     response.read()
                     raise self._status_error(response)
                 for event in EventSource(response).iter_sse():
-                    if event.event == "error":
-                        yield CapturedItem("error", event.data.encode())
+                    item = sse_item(event.event.encode(), event.data.encode())
+                    if item.kind == "done":
                         return
-                    if event.data.strip() == "[DONE]":
+                    if item.kind == "error":
+                        yield item
                         return
-                    if event.data:
-                        yield CapturedItem("chunk", event.data.encode())
+                    if item.data:
+                        yield item
         except SSEError as exc:  # an httpx.TransportError too, but no retry makes it an event stream
             raise UpstreamError(self.redact(f"upstream did not answer with an event stream: {exc}")) from exc
         except httpx.TimeoutException as exc:

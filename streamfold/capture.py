@@ -58,7 +58,7 @@ def _read_sse(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
         line = raw.rstrip(b"\r\n")
         if not line:
             if data:
-                yield _sse_item(event, b"\n".join(data))
+                yield sse_item(event, b"\n".join(data))
             event, data = b"", []
             continue
         if line.startswith(b":"):
@@ -74,10 +74,11 @@ def _read_sse(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
             # Not SSE at all: hand it on as a chunk so the reader rejects it with its position.
             yield CapturedItem("chunk", line)
     if data:
-        yield _sse_item(event, b"\n".join(data))
+        yield sse_item(event, b"\n".join(data))
 
 
-def _sse_item(event: bytes, data: bytes) -> CapturedItem:
+def sse_item(event: bytes, data: bytes) -> CapturedItem:
+    """What one SSE event means: an ``event: error``, the ``[DONE]`` marker, or a chunk."""
     if event == b"error":
         return CapturedItem("error", data)
     if data.strip() == b"[DONE]":
