@@ -93,8 +93,9 @@ def _now_ms() -> int:
 
 @dataclass
 class _Progress:
-    """What this publisher knows of one open request: its current attempt and the next seq per attempt."""
+    """What this publisher knows of one open request: its chunk stream, current attempt and next seq per attempt."""
 
+    key: str
     attempt: int = 0
     next_seq: dict[int, int] = field(default_factory=dict)
 
@@ -140,15 +141,15 @@ class Publisher:
             start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms())
         except TypeError as exc:
             raise ContractError(f"request meta is not JSON-serialisable: {exc}") from exc
-        shard = self._keys.shard(request_id)
+        chunks, shard = self._keys.chunks(request_id), self._keys.shard(request_id)
         # One transaction on one slot (both keys carry the shard tag): a worker that sees the control entry
         # always finds the start, and no start exists that no worker will be handed.
         with redis_errors(f"starting request {request_id}"), self._client.pipeline(transaction=True) as tx:
-            tx.xadd(self._keys.chunks(request_id), _entry(start))
-            tx.expire(self._keys.chunks(request_id), self._max_age, nx=True)
-            tx.xadd(self._keys.requests(shard), {"rid": request_id.encode(), "ts": start["ts"]})
+            tx.xadd(chunks, _entry(start))
+            tx.expire(chunks, self._max_age, nx=True)
+            tx.xadd(self._keys.requests(shard), _entry(contract.encode_control(request_id, ts=start["ts"])))
             tx.execute()
-        self._requests.setdefault(request_id, _Progress())
+        self._requests.setdefault(request_id, _Progress(chunks))
 
     def push(self, request_id: str, chunk: object, *, attempt: int | None = None, seq: int | None = None) -> int:
         """Append one raw chunk and return its seq; ``attempt`` defaults to the request's current attempt.
@@ -160,11 +161,10 @@ class Publisher:
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
         progress.attempt = max(progress.attempt, attempt)
-        if seq is None:
-            seq = progress.next_seq.get(attempt, 0)
-        _counter("seq", seq)
-        progress.next_seq[attempt] = max(progress.next_seq.get(attempt, 0), seq + 1)
-        self._buffer(request_id, contract.encode_chunk(raw, seq=seq, attempt=attempt, ts_ms=_now_ms()))
+        next_seq = progress.next_seq.get(attempt, 0)
+        seq = _counter("seq", next_seq if seq is None else seq)
+        progress.next_seq[attempt] = max(next_seq, seq + 1)
+        self._buffer(progress, contract.encode_chunk(raw, seq=seq, attempt=attempt, ts_ms=_now_ms()))
         if self._buffered >= self._batch_size:
             self.flush()
         return seq
@@ -173,11 +173,7 @@ class Publisher:
         """Close a request that the upstream finished; sends everything buffered."""
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
-        self._buffer(request_id, contract.encode_end(attempt=attempt, ts_ms=_now_ms()))
-        self._expire_unless_set(request_id)
-        self.flush()
-        # Forgotten only once sent: a caller that retries after a failed send keeps its attempt.
-        del self._requests[request_id]
+        self._close(request_id, progress, contract.encode_end(attempt=attempt, ts_ms=_now_ms()))
 
     def fail(self, request_id: str, error: str | Mapping[str, Any] | BaseException, *,
              attempt: int | None = None) -> None:
@@ -185,10 +181,7 @@ class Publisher:
         info = contract.error_info(error)
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
-        self._buffer(request_id, contract.encode_error(info, attempt=attempt, ts_ms=_now_ms()))
-        self._expire_unless_set(request_id)
-        self.flush()
-        del self._requests[request_id]
+        self._close(request_id, progress, contract.encode_error(info, attempt=attempt, ts_ms=_now_ms()))
 
     def new_attempt(self, request_id: str) -> int:
         """Start over after chunks were pushed (an upstream retry) and return the new attempt number.
@@ -198,11 +191,16 @@ class Publisher:
         """
         progress = self._progress(request_id)
         with redis_errors(f"reading request {request_id}"):
-            last = self._client.xrevrange(self._keys.chunks(request_id), count=1)
+            last = self._client.xrevrange(progress.key, count=1)
         fields = last[0][1] if last else None
         in_stream = int(fields.get(b"att", b"0")) if fields else 0
         progress.attempt = max(progress.attempt, in_stream) + 1
         return progress.attempt
+
+    def pushed(self, request_id: str, attempt: int) -> bool:
+        """Whether this publisher pushed any chunk of ``attempt`` of an open request."""
+        progress = self._requests.get(request_id)
+        return progress is not None and progress.next_seq.get(attempt, 0) > 0
 
     def flush(self) -> None:
         """Send every buffered entry, in order."""
@@ -230,14 +228,19 @@ class Publisher:
         progress = self._requests.get(request_id)
         if progress is None:
             # Started elsewhere (another process or publisher): continue it from attempt 0, seq 0.
-            progress = self._requests[validate_request_id(request_id)] = _Progress()
+            progress = self._requests[request_id] = _Progress(self._keys.chunks(validate_request_id(request_id)))
         return progress
 
-    def _expire_unless_set(self, request_id: str) -> None:
+    def _close(self, request_id: str, progress: _Progress, fields: dict[str, bytes]) -> None:
+        """Buffer the end or error envelope, send everything, and forget the request."""
+        self._buffer(progress, fields)
         # NX: a finish that already cut the stream's life to chunk_ttl keeps it; a stream recreated by pushes
         # after it expired, or one never started here, gets the safety net.
-        self._pipe.expire(self._keys.chunks(request_id), self._max_age, nx=True)
+        self._pipe.expire(progress.key, self._max_age, nx=True)
+        self.flush()
+        # Forgotten only once sent: a caller that retries after a failed send keeps its attempt.
+        del self._requests[request_id]
 
-    def _buffer(self, request_id: str, fields: dict[str, bytes]) -> None:
-        self._pipe.xadd(self._keys.chunks(request_id), _entry(fields))
+    def _buffer(self, progress: _Progress, fields: dict[str, bytes]) -> None:
+        self._pipe.xadd(progress.key, _entry(fields))
         self._buffered += 1

@@ -117,6 +117,11 @@ def encode_error(error: ErrorInfo, *, attempt: int, ts_ms: int) -> dict[str, byt
     return {"k": b"error", "att": b"%d" % attempt, "ts": b"%d" % ts_ms, "d": orjson.dumps(error)}
 
 
+def encode_control(request_id: str, *, ts: bytes) -> dict[str, bytes]:
+    """The control-stream entry that hands a request to the worker group; ``ts`` is its start envelope's."""
+    return {"rid": request_id.encode(), "ts": ts}
+
+
 def decode_envelope(fields: Fields) -> Envelope:
     """Decode one chunk-stream entry; raises ContractError for anything that is not an envelope."""
     try:
