@@ -115,11 +115,12 @@ def pipeline() -> Iterator[Demo]:
         table: dict[str, Any] = {name: {"base_url": upstream.base_url + query, "api_key_env": KEY_ENV}
                                  for name, query in FAULTS.items()}
         table["qwen_mt"]["mode"] = "cumulative"
-        settings = Settings(redis_url=url, namespace=namespace, queue=namespace, upstreams=table,
-                            upstream_retries=2, upstream_backoff=0.1)
-        env = {**os.environ, "STREAMFOLD_REDIS_URL": url, "STREAMFOLD_NAMESPACE": namespace,
-               "STREAMFOLD_QUEUE": namespace, "STREAMFOLD_UPSTREAMS": json.dumps(table),
-               "STREAMFOLD_UPSTREAM_RETRIES": "2", "STREAMFOLD_UPSTREAM_BACKOFF": "0.1",
+        overrides: dict[str, Any] = {"redis_url": url, "namespace": namespace, "queue": namespace, "upstreams": table,
+                                     "upstream_retries": 2, "upstream_backoff": 0.1}
+        settings = Settings(**overrides)
+        # The worker processes get the same settings through their environment.
+        env = {**os.environ, **{f"STREAMFOLD_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
+                                for name, value in overrides.items()},
                # The job runner reads the key from here; it is sent to the upstream and never enters Redis.
                KEY_ENV: "sk-demo-not-a-real-key"}
         client = stack.enter_context(connect(settings))
