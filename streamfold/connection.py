@@ -44,6 +44,18 @@ def cannot_serve(exc: BaseException) -> bool:
 
 
 @contextmanager
+def unavailable() -> Iterator[None]:
+    """Connection errors, timeouts and a Redis that cannot serve for now leave as RedisUnavailable; other
+    redis-py errors pass through for the caller to judge."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        if cannot_serve(exc):
+            raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+@contextmanager
 def redis_errors(action: str) -> Iterator[None]:
     """redis-py's errors as Streamfold's, naming what was being done: RedisUnavailable when Redis cannot
     serve for now, RedisRefused when it refused the command."""

@@ -42,9 +42,6 @@ class EventLog:
         self.logger = logger
         self.context = context
 
-    def debug(self, event: str, **fields: Any) -> None:
-        self._emit(logging.DEBUG, event, fields)
-
     def info(self, event: str, **fields: Any) -> None:
         self._emit(logging.INFO, event, fields)
 

@@ -71,9 +71,9 @@ class Broker:
         self._redis: Any = client
         self._read_count, self._claim_timeout_ms = read_count, claim_timeout_ms
         self._result_ttl, self._chunk_ttl = result_ttl, chunk_ttl
-        self._finish: Script = client.register_script(_lua("finish"))
-        self._touch: Script = client.register_script(_lua("touch"))
-        self._leave: Script = client.register_script(_lua("leave"))
+        self._finish: Script = client.register_script(lua_source("finish"))
+        self._touch: Script = client.register_script(lua_source("touch"))
+        self._leave: Script = client.register_script(lua_source("leave"))
         self._shards = list(keys.shard_ids())
         self._group_ready = False
         # Shards where entries may sit in this consumer's pending list unseen: all of them at start (a
@@ -380,7 +380,8 @@ def _slice(block_ms: int, ways: int) -> int:
     return min(block_ms, max(5, block_ms // ways))
 
 
-def _lua(name: str) -> str:
+def lua_source(name: str) -> str:
+    """The text of worker/lua/<name>.lua."""
     return resources.files("worker").joinpath("lua", f"{name}.lua").read_text()
 
 

@@ -12,10 +12,12 @@ from typing import Any
 
 import redis
 
+from streamfold.connection import unavailable
 from streamfold.errors import RedisUnavailable
 from streamfold.settings import Settings
 from worker.broker import parse_id
-from worker.housekeeping import is_fresh, read_worker_records, unavailable
+from worker.housekeeping import is_fresh, read_worker_records, redis_time_ms
+from worker.stats import group_named, present
 
 
 def check(client: redis.Redis, settings: Settings) -> tuple[bool, str]:
@@ -29,15 +31,11 @@ def check(client: redis.Redis, settings: Settings) -> tuple[bool, str]:
                 pipe.hgetall(keys.workers())
                 for shard in keys.shard_ids():
                     pipe.xinfo_groups(keys.requests(shard))
-                seconds_micros, raw_records, *infos = pipe.execute(raise_on_error=False)
-            for reply in (seconds_micros, raw_records, *infos):
-                if isinstance(reply, Exception) and "no such key" not in str(reply):
-                    raise reply
-            now_ms = int(seconds_micros[0]) * 1000 + int(seconds_micros[1]) // 1000
+                seconds_micros, raw_records, *infos = map(present, pipe.execute(raise_on_error=False))
+            now_ms = redis_time_ms(seconds_micros)
             groups = []
             for shard, info in zip(keys.shard_ids(), infos):
-                mine = None if isinstance(info, Exception) else next(
-                    (g for g in info if g["name"].decode() == group), None)
+                mine = group_named(info, group)
                 if mine is None:
                     return False, f"no consumer group {group!r} on {keys.requests(shard)}: no worker has joined"
                 groups.append(mine)

@@ -36,19 +36,16 @@ records and the lease) are single keys without a shard tag.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Literal
 
 import redis
 from redis.commands.core import Script
 
-from streamfold.errors import ContractError, RedisUnavailable
+from streamfold.errors import ContractError
 from streamfold.settings import Settings
-from streamfold.connection import cannot_serve
-from worker.broker import next_id, parse_id
+from streamfold.connection import unavailable
+from worker.broker import lua_source, next_id, parse_id
 from worker.metrics import WorkerRecord, decode_worker_record, encode_worker_record
 
 ConsumerState = Literal["live", "quiet", "dead"]
@@ -99,8 +96,7 @@ class Housekeeper:
         self._settings = settings
         # Records refresh every claim_timeout / 3: never forget one sooner than a claim timeout.
         self._forget_after_ms = int(max(settings.dead_consumer_idle, settings.claim_timeout) * 1000)
-        self._leave: Script = client.register_script(
-            resources.files("worker").joinpath("lua", "leave.lua").read_text())
+        self._leave: Script = client.register_script(lua_source("leave"))
 
     def publish(self, record: WorkerRecord) -> None:
         """Write this worker's stats record; the whole hash expires once no worker writes for a long while."""
@@ -137,8 +133,7 @@ class Housekeeper:
     def server_time_ms(self) -> int:
         """Redis's clock: stream entry ids are stamped with it."""
         with unavailable():
-            seconds, micros = self._redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+            return redis_time_ms(self._redis.time())
 
     def records(self) -> dict[str, WorkerRecord]:
         with unavailable():
@@ -217,17 +212,13 @@ class Housekeeper:
             return int(self._redis.xtrim(key, minid=f"{bound[0]}-{bound[1]}", approximate=False))
 
 
+def redis_time_ms(reply: Any) -> int:
+    """A TIME reply, (seconds, microseconds), as milliseconds."""
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def is_fresh(record: WorkerRecord, now_ms: int, settings: Settings) -> bool:
     """Whether a stats record was refreshed within a claim timeout: its worker is alive."""
     return record["updated_at_ms"] >= now_ms - settings.claim_timeout * 1000
 
-
-@contextmanager
-def unavailable() -> Iterator[None]:
-    """Connection errors, timeouts and a Redis that cannot serve for now leave as RedisUnavailable."""
-    try:
-        yield
-    except redis.RedisError as exc:
-        if cannot_serve(exc):
-            raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
-        raise

@@ -57,7 +57,6 @@ class RequestState:
         self.ended = False
         self._meta: dict[str, Any] = {}
         self._mode: Mode = "auto"
-        self._started = False
         self._assembler: Assembler | None = None
         self._attempt = -1
         self._attempts: set[int] = set()
@@ -130,9 +129,8 @@ class RequestState:
     # --- envelopes -------------------------------------------------------------------------------------
 
     def _start(self, start: Start, ts_ms: int) -> None:
-        if self._started:
+        if self._start_ts is not None:
             return  # a start written twice by a producer that retried its start transaction
-        self._started = True
         self._meta, self._mode, self._start_ts = start.meta, start.mode, ts_ms
         if self._assembler is not None:
             self._warnings.append("chunks arrived before the start envelope")

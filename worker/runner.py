@@ -29,7 +29,7 @@ from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings, load_settings
 from worker.broker import Broker, Claim, Finish
 from worker.housekeeping import Housekept, Housekeeper
-from worker.metrics import WorkerMetrics
+from worker.metrics import WorkerMetrics, now_ms
 from worker.request import RequestState
 
 log = logging.getLogger("streamfold.worker")
@@ -121,7 +121,7 @@ class Worker:
     def _join(self) -> None:
         if not self._joined:
             self.broker.ensure_group()
-            self.housekeeper.publish(self.metrics.record(len(self._requests)))
+            self._publish_stats()
             self._joined = True
             self._log.info("worker_started", group=self.broker.group, concurrency=self.concurrency, burst=self.burst)
 
@@ -161,7 +161,7 @@ class Worker:
         ended = [state for state in self._requests.values() if state.ended]
         if not ended:
             return
-        finished_at_ms = time.time_ns() // 1_000_000
+        finished_at_ms = now_ms()
         outcomes = [state.outcome(finished_at_ms) for state in ended]
         published = self.broker.finish([
             Finish(state.request_id, tuple(state.entries), outcome.record["status"], encode_record(outcome.record),
@@ -191,7 +191,7 @@ class Worker:
                     del self._requests[request_id]
                     self.metrics.lost(1)
                     self._log.warning("claim_lost", request_id=request_id)
-        self.housekeeper.publish(self.metrics.record(len(self._requests)))
+        self._publish_stats()
         self._heartbeat.reset(now)
 
     def _recover_if_due(self, *, force: bool) -> int:
@@ -239,6 +239,9 @@ class Worker:
             # else: beyond capacity (own pending re-read after a restart); recovery hands it out later.
         self.metrics.taken(how, adopted)
         return adopted
+
+    def _publish_stats(self) -> None:
+        self.housekeeper.publish(self.metrics.record(len(self._requests)))
 
     def _hand_back(self) -> None:
         self.broker.hand_back({rid: state.entries for rid, state in self._requests.items()})

@@ -38,9 +38,10 @@ from typing import Any
 
 import redis
 
+from streamfold.connection import unavailable
 from streamfold.settings import Settings
 from worker.broker import parse_id
-from worker.housekeeping import consumer_state, is_fresh, read_worker_records, unavailable
+from worker.housekeeping import consumer_state, is_fresh, read_worker_records, redis_time_ms
 from worker.metrics import WorkerRecord
 
 _ABSENT = ("no such key", "NOGROUP")
@@ -132,16 +133,16 @@ def take_sample(client: redis.Redis, settings: Settings) -> Sample:
                 pipe.xinfo_stream(keys.results(shard))
                 pipe.xlen(keys.usage(shard))
                 pipe.xlen(keys.dead_letters(shard))
-            replies = [_present(reply) for reply in pipe.execute(raise_on_error=False)]
-        (seconds, micros), records = replies[0], read_worker_records(replies[1] or {})
+            replies = [present(reply) for reply in pipe.execute(raise_on_error=False)]
+        now_ms, records = redis_time_ms(replies[0]), read_worker_records(replies[1] or {})
         per_shard = [replies[2 + 6 * index: 8 + 6 * index] for index in range(len(shards))]
-        groups = [next((g for g in info or [] if g["name"].decode() == group), None) for _, info, *_ in per_shard]
+        groups = [group_named(info, group) for _, info, *_ in per_shard]
         with r.pipeline(transaction=False) as pipe:
             for shard, mine in zip(shards, groups):
                 if mine is not None:
                     pipe.xrange(keys.requests(shard), "(" + mine["last-delivered-id"].decode(), "+", count=1)
             oldest = iter(pipe.execute())
-        sample = Sample(int(seconds) * 1000 + int(micros) // 1000, records)
+        sample = Sample(now_ms, records)
         for shard, mine, (stream, _, members, result_stream, usage, dead) in zip(shards, groups, per_shard):
             sample.shards.append(_shard(r, shard, keys.requests(shard), stream, mine,
                                         next(oldest) if mine is not None else None))
@@ -264,7 +265,12 @@ def _worker(name: str, sample: Sample, fresh: Mapping[str, WorkerRecord], settin
             "seen_s_ago": None if seen_ms is None else seen_ms / 1000}
 
 
-def _present(reply: Any) -> Any:
+def group_named(groups: Any, name: str) -> Any:
+    """The group called ``name`` in an XINFO GROUPS reply (None or an error-free list); None if absent."""
+    return next((g for g in groups or [] if g["name"].decode() == name), None)
+
+
+def present(reply: Any) -> Any:
     """A pipelined reply; None for a stream or group that does not exist; other errors raise."""
     if isinstance(reply, redis.ResponseError) and any(word in str(reply) for word in _ABSENT):
         return None
