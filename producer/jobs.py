@@ -27,11 +27,11 @@ from rq import Queue
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from producer.publisher import Publisher, new_request_id, validate_request_id
+from producer.publisher import Publisher, new_request_id
 from producer.upstream import RetryPolicy, UpstreamClient, failure
 from streamfold.capture import CapturedItem
 from streamfold.connection import connect, connected, redis_errors
-from streamfold.contract import ErrorInfo, Mode
+from streamfold.contract import ErrorInfo, Mode, validate_request_id
 from streamfold.errors import ConfigError, ContractError, RedisUnavailable, UpstreamError
 from streamfold.keys import Keys
 from streamfold.settings import DEFAULT_UPSTREAM, STREAM_MAX_AGE, Settings, Upstream, load_settings
@@ -122,7 +122,7 @@ def cancel(request_id: str, *, client: redis.Redis | None = None, settings: Sett
                 pass  # cancelled through rq already; the request still needs its result
             meta = job.kwargs.get("meta") or {}
         publisher = Publisher(client, keys, batch_size=1, max_age=settings.stream_max_age)
-        publisher.start(request_id, meta)
+        publisher.start(request_id, meta, token=job_id(keys, request_id))
         publisher.fail(request_id, CANCELLED_ERROR)
         log.info("request %s: cancelled before its job started", request_id)
         return True
@@ -185,7 +185,7 @@ class CompletionRun:
             # A re-run follows the attempts of the run before it, read from the stream before this run's
             # start envelope (attempt 0) becomes its newest entry.
             attempt = self._publisher.new_attempt(request_id) if claim == "rerun" else 0
-            self._publisher.start(request_id, meta, mode)
+            self._publisher.start(request_id, meta, mode, token=job_id(self._keys, request_id))
             outcome = self._with_retries(request_id, upstream, body, attempt)
         except Exception as exc:
             self._fail_after_crash(request_id, exc)
@@ -197,7 +197,7 @@ class CompletionRun:
         """Fail a request that cannot be called at all (an unknown upstream, a missing key)."""
         if self._claim(request_id) is None:
             return "skipped"
-        self._publisher.start(request_id, meta)
+        self._publisher.start(request_id, meta, token=job_id(self._keys, request_id))
         self._publisher.fail(request_id, error)
         return "failed"
 

@@ -1,18 +1,21 @@
 """Push a request's raw upstream chunks onto Redis Streams, framed as the wire contract's envelopes.
 
 A request is handed to workers iff its start exists: ``start`` writes the start envelope and the control
-stream entry in one MULTI/EXEC on the request's shard slot, so a worker never claims a request without a
-start, and a start is never left without a claimable control entry. Chunks, end and error markers are
-buffered in a pipeline and sent in batches; the chunk stream keeps them in the order they were pushed.
+stream entry in one script on the request's shard slot (producer/lua/start.lua), so a worker never claims
+a request without a start, and a start is never left without a claimable control entry. The same script
+claims the request id for the producer's token: a request id already in use by another producer is
+refused. Chunks, end and error markers are buffered in a pipeline and sent in batches; the chunk stream
+keeps them in the order they were pushed.
 """
 
 from __future__ import annotations
 
-import re
+import secrets
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from types import TracebackType
 from typing import Any, cast
 
@@ -22,30 +25,19 @@ from redis.typing import EncodableT, FieldT
 
 from streamfold import contract
 from streamfold.connection import redis_errors
-from streamfold.contract import Mode
+from streamfold.contract import Mode, validate_request_id
 from streamfold.errors import ContractError
 from streamfold.keys import Keys
 from streamfold.settings import STREAM_MAX_AGE
 
-MAX_REQUEST_ID_LENGTH = 200
 DEFAULT_BATCH_SIZE = 500
-_WHITESPACE = re.compile(r"\s")
+_START = resources.files("producer").joinpath("lua", "start.lua").read_text()
+_IN_USE = 0  # start.lua's answer when another producer owns the request id
 
 
 def new_request_id() -> str:
     """A fresh request id: a uuid4 in hex, safe in key names and unique without coordination."""
     return uuid.uuid4().hex
-
-
-def validate_request_id(request_id: str) -> str:
-    """Return ``request_id`` if it can name a request's keys; raise ContractError saying why not otherwise."""
-    if not isinstance(request_id, str) or not request_id:
-        raise ContractError(f"request id must be a non-empty string, got {request_id!r:.80}")
-    if len(request_id) > MAX_REQUEST_ID_LENGTH:
-        raise ContractError(f"request id is {len(request_id)} characters long; at most {MAX_REQUEST_ID_LENGTH} allowed")
-    if _WHITESPACE.search(request_id):
-        raise ContractError(f"request id must not contain whitespace: {request_id!r}")
-    return request_id
 
 
 def raw_payload(chunk: object) -> bytes:
@@ -93,9 +85,11 @@ def _now_ms() -> int:
 
 @dataclass
 class _Progress:
-    """What this publisher knows of one open request: its chunk stream, current attempt and next seq per attempt."""
+    """What this publisher knows of one open request: its chunk stream, its start's producer token, current
+    attempt and next seq per attempt."""
 
     key: str
+    token: str | None = None
     attempt: int = 0
     next_seq: dict[int, int] = field(default_factory=dict)
 
@@ -124,6 +118,7 @@ class Publisher:
         self._keys = keys
         self._batch_size = batch_size
         self._pipe = client.pipeline(transaction=False)
+        self._start = client.register_script(_START)
         self._buffered = 0
         self._requests: dict[str, _Progress] = {}
 
@@ -132,24 +127,32 @@ class Publisher:
         """Entries waiting to be sent."""
         return self._buffered
 
-    def start(self, request_id: str, meta: Mapping[str, Any] | None = None, mode: Mode = "auto") -> None:
-        """Open a request: its start envelope and its control entry, in one MULTI/EXEC."""
+    def start(self, request_id: str, meta: Mapping[str, Any] | None = None, mode: Mode = "auto", *,
+              token: str | None = None) -> None:
+        """Open a request: claim its id, write its start envelope and its control entry, in one step.
+
+        ``token`` names the producer that owns the request id (default: one made up for this publisher's
+        start). Starting again with the same token is harmless - a retry after a lost reply, a re-run of the
+        same job, which passes its job's token - and starting an id that another token owns raises
+        ContractError, writing nothing: the id stays claimed for ``max_age`` seconds.
+        """
         validate_request_id(request_id)
         if meta is not None and not isinstance(meta, Mapping):
             raise ContractError(f"request meta must be a mapping, got {type(meta).__name__}")
-        try:
-            start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms())
-        except TypeError as exc:
-            raise ContractError(f"request meta is not JSON-serialisable: {exc}") from exc
-        chunks, shard = self._keys.chunks(request_id), self._keys.shard(request_id)
-        # One transaction on one slot (both keys carry the shard tag): a worker that sees the control entry
-        # always finds the start, and no start exists that no worker will be handed.
-        with redis_errors(f"starting request {request_id}"), self._client.pipeline(transaction=True) as tx:
-            tx.xadd(chunks, _entry(start))
-            tx.expire(chunks, self._max_age, nx=True)
-            tx.xadd(self._keys.requests(shard), _entry(contract.encode_control(request_id, ts=start["ts"])))
-            tx.execute()
-        self._requests.setdefault(request_id, _Progress(chunks))
+        known = self._requests.get(request_id)
+        token = token or (known.token if known is not None and known.token else secrets.token_hex(16))
+        start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms(), token=token)
+        keys, shard = self._keys, self._keys.shard(request_id)
+        fields = [part for pair in start.items() for part in pair]
+        control = [part for pair in contract.encode_control(request_id, ts=start["ts"]).items() for part in pair]
+        with redis_errors(f"starting request {request_id}"):
+            outcome = self._start(keys=[keys.owner(request_id), keys.chunks(request_id), keys.requests(shard)],
+                                  args=[token, self._max_age, len(fields), *fields, *control])
+        if outcome == _IN_USE:
+            raise ContractError(f"request id {request_id} is already in use by another producer; "
+                                "choose a new one (producer.new_request_id())")
+        progress = self._requests.setdefault(request_id, _Progress(keys.chunks(request_id)))
+        progress.token = token
 
     def push(self, request_id: str, chunk: object, *, attempt: int | None = None, seq: int | None = None) -> int:
         """Append one raw chunk and return its seq; ``attempt`` defaults to the request's current attempt.

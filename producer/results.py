@@ -18,9 +18,9 @@ import redis
 from redis.client import PubSub
 from redis.typing import KeyT, StreamIdT
 
-from producer.publisher import validate_request_id
 from streamfold import contract
 from streamfold.connection import connected, redis_errors
+from streamfold.contract import validate_request_id
 from streamfold.errors import ContractError, ResultTimeout
 from streamfold.keys import Keys
 from streamfold.settings import Settings

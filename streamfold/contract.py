@@ -2,14 +2,21 @@
 
 A request's chunk stream holds *envelopes*, flat Redis stream entries::
 
-    k=start  att=<n> ts=<ms> d=<json {"meta": {...}, "mode": "auto|incremental|cumulative"}>
+    k=start  att=<n> ts=<ms> d=<json {"meta": {...}, "mode": "auto|incremental|cumulative", "token": "..."}>
     k=chunk  att=<n> ts=<ms> seq=<n> d=<the raw chunk payload, byte for byte as received>
     k=end    att=<n> ts=<ms>
     k=error  att=<n> ts=<ms> d=<json {"message": ..., "type": ..., "status": ..., "code": ...}>
 
 ``att`` is the upstream attempt: a retry after chunks were pushed starts attempt n+1, and a worker assembles
 only the latest attempt. ``seq`` numbers chunks within an attempt from 0; a repeated (att, seq) is a
-duplicate from a producer retry and is dropped.
+duplicate from a producer retry and is dropped. ``att``, ``seq`` and ``ts`` are non-negative integers below
+2**63, so every record that carries them can be encoded. The start's ``token`` names the producer that
+owns the request id: a start written again with the same token is a retry or a re-run of the same request,
+one with another token is a second request reusing the id, which fails.
+
+A request id is 1 to ``MAX_REQUEST_ID_LENGTH`` characters of valid UTF-8 with no whitespace and no control
+characters (``validate_request_id``). It is part of the contract, not a setting: producers, workers and
+readers must agree on it without sharing configuration.
 
 The control stream gets one entry per request, ``rid=<request id> ts=<ms>``, written in the same
 transaction as the start envelope. Workers publish result records and usage events as ``d=<json>``
@@ -18,6 +25,7 @@ entries (with ``rid``), shaped by ``ResultRecord`` and ``UsageEvent`` below.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, cast, get_args
@@ -34,6 +42,14 @@ KINDS: tuple[str, ...] = get_args(Kind)
 
 Fields = dict[bytes, bytes]
 
+MAX_REQUEST_ID_LENGTH = 200
+# Whitespace, and control, format, surrogate and unassigned code points: nothing a key name or a log line
+# should carry.
+_NOT_IN_REQUEST_ID = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ud800-\udfff]")
+# Envelope integers (attempt, seq, producer timestamp) and error statuses must fit a signed 64-bit integer,
+# the widest a record encoder writes.
+_MAX_INT = 2**63 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
@@ -48,10 +64,12 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """What a start envelope carries: request metadata and the output mode of the upstream."""
+    """What a start envelope carries: request metadata, the output mode of the upstream, and the token of
+    the producer that owns the request id (None from producers that do not send one)."""
 
     meta: dict[str, Any]
     mode: Mode
+    token: str | None = None
 
 
 class ErrorInfo(TypedDict, total=False):
@@ -96,13 +114,45 @@ class UsageEvent(TypedDict):
     finished_at_ms: int
 
 
+# --- request ids ----------------------------------------------------------------------------------------
+
+def validate_request_id(request_id: str) -> str:
+    """Return ``request_id`` if it can name a request; raise ContractError saying why not otherwise."""
+    if not isinstance(request_id, str) or not request_id:
+        raise ContractError(f"request id must be a non-empty string, got {request_id!r:.80}")
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise ContractError(f"request id is {len(request_id)} characters long; at most {MAX_REQUEST_ID_LENGTH} allowed")
+    bad = _NOT_IN_REQUEST_ID.search(request_id)
+    if bad is not None:
+        raise ContractError(f"request id must not contain whitespace or control characters "
+                            f"({bad.group()!r} at {bad.start()}): {request_id!r:.80}")
+    return request_id
+
+
+def decode_request_id(raw: bytes) -> str:
+    """A request id as read from Redis; ContractError when it is not UTF-8 or not a valid id."""
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ContractError(f"request id is not valid UTF-8: {raw!r:.80}") from None
+    return validate_request_id(text)
+
+
 # --- envelopes ------------------------------------------------------------------------------------------
 
-def encode_start(meta: dict[str, Any], mode: Mode, *, attempt: int, ts_ms: int) -> dict[str, bytes]:
+def encode_start(meta: dict[str, Any], mode: Mode, *, attempt: int, ts_ms: int,
+                 token: str | None = None) -> dict[str, bytes]:
+    """The start envelope; ContractError for an unknown mode or meta that is not JSON."""
     if mode not in MODES:
         raise ContractError(f"unknown output mode {mode!r}; expected one of {', '.join(MODES)}")
-    return {"k": b"start", "att": b"%d" % attempt, "ts": b"%d" % ts_ms,
-            "d": orjson.dumps({"meta": meta, "mode": mode})}
+    body: dict[str, Any] = {"meta": meta, "mode": mode}
+    if token is not None:
+        body["token"] = token
+    try:
+        data = orjson.dumps(body)
+    except TypeError as exc:
+        raise ContractError(f"request meta is not JSON-serialisable: {exc}") from exc
+    return {"k": b"start", "att": b"%d" % attempt, "ts": b"%d" % ts_ms, "d": data}
 
 
 def encode_chunk(raw: bytes, *, seq: int, attempt: int, ts_ms: int) -> dict[str, bytes]:
@@ -126,28 +176,34 @@ def decode_envelope(fields: Fields) -> Envelope:
     """Decode one chunk-stream entry; raises ContractError for anything that is not an envelope."""
     try:
         kind = fields[b"k"].decode()
-        attempt = int(fields[b"att"])
-        ts_ms = int(fields[b"ts"])
-        seq = int(fields[b"seq"]) if kind == "chunk" else -1
+        attempt = _counter(fields[b"att"])
+        ts_ms = _counter(fields[b"ts"])
+        seq = _counter(fields[b"seq"]) if kind == "chunk" else -1
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise ContractError(f"not an envelope: {fields!r:.200}") from exc
     if kind not in KINDS:
-        raise ContractError(f"unknown envelope kind {kind!r}")
+        raise ContractError(f"unknown envelope kind {kind!r:.40}")
     return Envelope(cast(Kind, kind), attempt, ts_ms, seq, fields.get(b"d", b""))
+
+
+def _counter(raw: bytes) -> int:
+    # int() alone would take " 7", "+7", "1_000" and integers of any size.
+    if not raw.isdigit() or len(raw) > 19 or int(raw) > _MAX_INT:
+        raise ValueError(f"not a non-negative 64-bit integer: {raw!r:.40}")
+    return int(raw)
 
 
 def decode_start(envelope: Envelope) -> Start:
     body = _load_object(envelope.payload, "start envelope")
-    meta, mode = body.get("meta") or {}, body.get("mode", "auto")
-    if not isinstance(meta, dict) or mode not in MODES:
-        raise ContractError(f"bad start envelope: {body!r:.200}")
-    return Start(meta, cast(Mode, mode))
+    meta, mode, token = body.get("meta") or {}, body.get("mode", "auto"), body.get("token")
+    if not isinstance(meta, dict) or mode not in MODES or not isinstance(token, (str, type(None))):
+        raise ContractError(f"bad start envelope: {envelope.payload!r:.200}")
+    return Start(meta, cast(Mode, mode), token)
 
 
 def decode_error(envelope: Envelope) -> ErrorInfo:
     body = _load_object(envelope.payload, "error envelope")
-    return ErrorInfo(message=str(body.get("message", "upstream error")), type=str(body.get("type", "upstream_error")),
-                     status=body.get("status"), code=body.get("code"))
+    return error_info(body)
 
 
 def error_info(error: str | Mapping[str, Any] | BaseException) -> ErrorInfo:
@@ -175,10 +231,19 @@ def error_info(error: str | Mapping[str, Any] | BaseException) -> ErrorInfo:
     else:
         raise ContractError(f"cannot read an upstream error from {type(error).__name__}")
     status, code = body.get("status", body.get("status_code")), body.get("code")
-    return ErrorInfo(message=str(body.get("message") or "upstream error"),
-                     type=str(body.get("type") or "upstream_error"),
-                     status=status if isinstance(status, int) and not isinstance(status, bool) else None,
-                     code=None if code is None else str(code))
+    return ErrorInfo(message=_text(body.get("message") or "upstream error"),
+                     type=_text(body.get("type") or "upstream_error"),
+                     status=status if isinstance(status, int) and not isinstance(status, bool)
+                     and abs(status) <= _MAX_INT else None,
+                     code=None if code is None else _text(code))
+
+
+def _text(value: Any) -> str:
+    """A value shown as text in an error. A container (which may be nested too deep to encode again) is
+    shown as a bounded preview."""
+    if isinstance(value, (dict, list)):
+        return repr(value)[:200]
+    return str(value)
 
 
 # --- records --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Layout, for a namespace ``ns`` and a shard tag ``{sNN}``::
     ns:in:{sNN}:requests          control stream; one entry per request, read by the worker group
     ns:in:{sNN}:chunks:<rid>      one request's envelopes, in order (start, chunks, end or error)
     ns:in:{sNN}:cancel:<rid>      set by a backend to cancel a request
+    ns:in:{sNN}:owner:<rid>       the token of the producer that started <rid>; another producer is refused
     ns:out:{sNN}:results          result records, in finish order
     ns:out:{sNN}:result:<rid>     one result record, for lookup, with a TTL
     ns:out:{sNN}:done:<rid>       finish marker: the first finisher wins, later ones are no-ops
@@ -60,6 +61,9 @@ class Keys:
 
     def cancel(self, request_id: str) -> str:
         return f"{self.namespace}:in:{self.tag(self.shard(request_id))}:cancel:{request_id}"
+
+    def owner(self, request_id: str) -> str:
+        return f"{self.namespace}:in:{self.tag(self.shard(request_id))}:owner:{request_id}"
 
     # --- worker output (ns:out:*) --------------------------------------------------------------------
     def results(self, shard: int) -> str:

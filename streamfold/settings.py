@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     dead_consumer_idle: float = Field(600.0, gt=0, description=(
         "seconds a consumer holding nothing may stay silent before it counts as dead and is removed"))
 
+    max_chunk_bytes: int = Field(8 * 2**20, ge=1024, description=(
+        "largest raw chunk (or start, error) payload a worker accepts, bytes"))
+    max_chunks: int = Field(100_000, ge=1, description="most chunks one upstream attempt of a request may have")
+    max_request_bytes: int = Field(32 * 2**20, ge=1024, description=(
+        "most raw chunk bytes one upstream attempt of a request may have; bounds a worker's memory per request"))
+    max_json_depth: int = Field(64, ge=8, le=200, description=(
+        "deepest nesting of objects and lists a chunk, start or error payload may have"))
+
     metrics_port: int | None = Field(None, ge=0, le=65_535, description=(
         "port a worker serves Prometheus metrics on (off when unset)"))
     log_format: LogFormat = Field("text", description="text: a readable line per event; json: one object per line")
@@ -96,10 +104,14 @@ class Settings(BaseSettings):
         return read_upstreams(value)
 
     @model_validator(mode="after")
-    def _block_below_socket_timeout(self) -> Settings:
+    def _timeouts_fit_together(self) -> Settings:
         # A blocking read longer than the socket timeout fails in redis-py instead of returning empty.
         if self.block_ms / 1000 >= self.socket_timeout:
             raise ValueError("block_ms must stay below socket_timeout (seconds)")
+        # A read that waits out the socket timeout is time without Redis, which must not end a request as
+        # stalled: a request can only stall after a silence longer than the longest wait on Redis.
+        if self.stall_timeout <= self.socket_timeout:
+            raise ValueError("stall_timeout must be longer than socket_timeout (seconds)")
         return self
 
     @property

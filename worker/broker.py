@@ -11,8 +11,13 @@
 
 Every command and script touches keys of one shard slot. Trimming the control stream is housekeeping's
 (worker/housekeeping.py), done by one worker of the pool at a time. redis-py connection errors and
-timeouts leave this module as ``RedisUnavailable``; a blocking read that outlives the
-socket timeout is "no data".
+timeouts - a blocking read that outlives the socket timeout included: Redis did not answer - leave this
+module as ``RedisUnavailable``, other refusals as ``RedisRefused``.
+
+Nothing one producer writes fails a call for the others: a control entry that names no valid request id is
+dead-lettered and acknowledged on its own; a chunk-stream key that holds another type fails the read with
+``StreamsRefused`` naming the requests concerned, so the worker fails those and reads the rest again; a
+finish script that Redis refuses for one request leaves that request alone unfinished.
 """
 
 from __future__ import annotations
@@ -28,15 +33,25 @@ import redis
 from redis.commands.core import Script
 
 from streamfold.connection import cannot_serve
-from streamfold.contract import Fields
-from streamfold.errors import RedisUnavailable
+from streamfold.contract import Fields, decode_request_id
+from streamfold.errors import ContractError, RedisRefused, RedisUnavailable, StreamfoldError
 from streamfold.keys import Keys
 from streamfold.settings import Settings
 from worker.request import DeadLetter
 
 Entry = tuple[str, Fields]
-_TIMED_OUT = object()
 _IGNORED_BLOCK_PAUSE = 0.01
+# finish.lua's answers, besides 0: finished before by the same request.
+_PUBLISHED, _REUSED = 1, -1
+
+
+class StreamsRefused(StreamfoldError):
+    """A read failed because some requests' chunk-stream keys hold another type; ``problems`` says, by
+    request id, what each holds. The other requests can be read again without them."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = problems
+        super().__init__(f"chunk streams of {len(problems)} requests are not streams")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +65,8 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """Everything one finish publishes and releases."""
+    """Everything one finish publishes and releases. ``token`` is the start's producer token: a request
+    finished before under another token was a different request that reused the id."""
 
     request_id: str
     entry_ids: Sequence[str]
@@ -58,6 +74,18 @@ class Finish:
     result: bytes
     usage: bytes
     dead_letter: DeadLetter | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What one finish did: ``published`` the result, or found it finished before; ``reused`` when that
+    earlier finish was of another producer's request under the same id (this one is dead-lettered, not
+    published); ``refused`` is Redis's reason when it refused this finish, which then changed nothing."""
+
+    published: bool
+    reused: bool = False
+    refused: str | None = None
 
 
 class Broker:
@@ -159,7 +187,12 @@ class Broker:
         if not plans:
             return {}
         with self._unavailable():
-            replies = self._read_plans(list(plans.values()), block_ms)
+            try:
+                replies = self._read_plans(list(plans.values()), block_ms)
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                raise StreamsRefused(self._not_streams(owners)) from exc
         batches: dict[str, list[Entry]] = {}
         for key, entries in replies:
             owner = owners.get(key)
@@ -171,14 +204,21 @@ class Broker:
                 batches[owner] = [(entry_id.decode(), fields) for entry_id, fields in entries]
         return batches
 
-    def finish(self, finishes: Sequence[Finish]) -> list[bool]:
-        """Run the finish script for each request, in one round trip; True where this call published."""
+    def finish(self, finishes: Sequence[Finish]) -> list[Finished]:
+        """Run the finish script for each request, in one round trip; what each did, in order."""
         calls = [self._finish_call(finish) for finish in finishes]
         with self._unavailable():
-            published = [bool(first) for first in self._run_script(self._finish, calls)]
-        for finish in finishes:
+            replies = self._run_script(self._finish, calls, raise_on_error=False)
+        done = []
+        for finish, reply in zip(finishes, replies):
+            if isinstance(reply, redis.RedisError):
+                if cannot_serve(reply):
+                    raise RedisUnavailable(f"Redis unavailable: {type(reply).__name__}: {reply}") from reply
+                done.append(Finished(False, refused=str(reply)))
+                continue
             self._streams.pop(finish.request_id, None)
-        return published
+            done.append(Finished(reply == _PUBLISHED, reused=reply == _REUSED))
+        return done
 
     def heartbeat(self, claims: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         """Refresh the claims on these requests' control entries; returns, by request, the entries still
@@ -229,11 +269,27 @@ class Broker:
             if cannot_serve(exc):
                 raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from exc
             if "NOGROUP" not in str(exc):
-                raise
+                raise RedisRefused(f"Redis refused: {exc}") from exc
             # The stream or group is gone (a Redis restarted without persistence, a flush): create it
             # again on the next claim, and meanwhile treat Redis as not there.
             self._group_ready = False
             raise RedisUnavailable(f"consumer group missing: {exc}") from exc
+
+    def _not_streams(self, owners: Mapping[bytes, str]) -> dict[str, str]:
+        """Which of these requests' chunk-stream keys hold another type than a stream, and what each holds.
+
+        A control stream of another type is the pool's problem, not one request's: RedisRefused."""
+        names = [*owners, *self._control_keys]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.type(name)
+            types = [kind.decode() if isinstance(kind, bytes) else str(kind) for kind in pipe.execute()]
+        wrong = {name: kind for name, kind in zip(names, types) if kind not in ("stream", "none")}
+        broken = [f"{name.decode()} holds a {kind}" for name, kind in wrong.items() if name in self._control_keys]
+        if broken:
+            raise RedisRefused(f"control streams are not streams: {'; '.join(broken)}")
+        return {owners[name]: f"its chunk stream key {name.decode()} holds a {kind}, not a stream"
+                for name, kind in wrong.items()}
 
     def _claim_unseen(self) -> list[Claim]:
         claims: list[Claim] = []
@@ -254,8 +310,6 @@ class Broker:
         self._unseen.add(shard)  # until the reply is in hand: a lost reply leaves entries pending, unseen
         reply = self._blocking(lambda: self._redis.xreadgroup(self.group, self.consumer, {key: ">"}, count=count,
                                                               block=block_ms or None), block_ms)
-        if reply is _TIMED_OUT:
-            return []
         self._unseen.discard(shard)
         entries = reply[0][1] if reply else []
         if entries:
@@ -270,12 +324,25 @@ class Broker:
         self._control_seen[shard] = max(self._control_seen[shard], entry_id.decode(), key=parse_id)
 
     def _claims(self, shard: int, entries: Sequence[Any], junk: Sequence[bytes] = ()) -> list[Claim]:
-        """Claims from control entries; entries without a request id are acknowledged and dropped."""
-        named = [(entry_id, (fields or {}).get(b"rid")) for entry_id, fields in entries]
-        claims = [Claim(shard, entry_id.decode(), rid.decode()) for entry_id, rid in named if rid]
-        drop = [*junk, *(entry_id for entry_id, rid in named if not rid)]
-        if drop:
-            self._redis.xack(self.keys.requests(shard), self.group, *drop)
+        """Claims from control entries. Entries that name no valid request id are dead-lettered with the
+        reason and acknowledged, each on its own; ``junk`` (ids deleted from the stream) only acknowledged."""
+        claims: list[Claim] = []
+        rejected: list[tuple[bytes, bytes, str]] = []
+        for entry_id, fields in entries:
+            raw = (fields or {}).get(b"rid")
+            try:
+                if not raw:
+                    raise ContractError("control entry without a request id")
+                claims.append(Claim(shard, entry_id.decode(), decode_request_id(raw)))
+            except ContractError as exc:
+                rejected.append((entry_id, raw or b"", str(exc)))
+        if junk or rejected:
+            key = self.keys.requests(shard)
+            with self._redis.pipeline(transaction=True) as tx:  # one slot: the dead letter and its ack together
+                for entry_id, raw, reason in rejected:
+                    tx.xadd(self.keys.dead_letters(shard), {"rid": raw, "entry": entry_id, "reason": reason, "d": b""})
+                tx.xack(key, self.group, *junk, *(entry_id for entry_id, _, _ in rejected))
+                tx.execute()
         return claims
 
     def _read_plans(self, plans: list[dict[bytes, str]], block_ms: int) -> list[tuple[bytes, list[Any]]]:
@@ -295,22 +362,19 @@ class Broker:
     def _xread(self, plan: dict[bytes, str], block_ms: int) -> list[tuple[bytes, list[Any]]]:
         reply = self._blocking(lambda: self._redis.xread(plan, count=self._read_count, block=block_ms or None),
                                block_ms)
-        return [] if reply is _TIMED_OUT else list(reply or [])
+        return list(reply or [])
 
     @staticmethod
     def _blocking(read: Callable[[], Any], block_ms: int) -> Any:
-        """Run a read that may block for ``block_ms``; ``_TIMED_OUT`` if it outlived the socket timeout.
+        """Run a read that may block for ``block_ms``.
 
+        A read that outlives the socket timeout (always longer than ``block_ms``) raises: Redis did not
+        answer, and the worker treats that as time without Redis, which never counts as a request's silence.
         An empty reply well before ``block_ms`` means the server ignored BLOCK (fakeredis does when COUNT
         is given; a real Redis never does): pause a moment so that the loop polls instead of spinning.
         """
         started = time.monotonic()
-        try:
-            reply = read()
-        except redis.TimeoutError:
-            if not block_ms:
-                raise
-            return _TIMED_OUT
+        reply = read()
         left = block_ms / 1000 - (time.monotonic() - started)
         if not reply and left > block_ms / 2000:
             time.sleep(min(left, _IGNORED_BLOCK_PAUSE))
@@ -331,10 +395,11 @@ class Broker:
                 for request_id, entry_ids in claims.items()}
         return {request_id: entries for request_id, entries in kept.items() if entries}
 
-    def _run_script(self, script: Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+    def _run_script(self, script: Script, calls: Sequence[tuple[list[str], list[Any]]], *,
+                    raise_on_error: bool = True) -> list[Any]:
         """Run ``script`` once per call in one round trip. Unlike redis-py's pipelined scripts, no SCRIPT
         EXISTS first: the script is loaded only when Redis says it lacks it, and the refused calls (which
-        ran nothing) run again."""
+        ran nothing) run again. Without ``raise_on_error`` a call's error is its reply."""
         results: list[Any] = [None] * len(calls)
         todo, loaded = list(range(len(calls))), False
         while todo:
@@ -347,7 +412,7 @@ class Broker:
             for index, reply in zip(todo, replies):
                 if isinstance(reply, redis.exceptions.NoScriptError):
                     refused.append(index)
-                elif isinstance(reply, Exception):
+                elif isinstance(reply, Exception) and raise_on_error:
                     raise reply
                 else:
                     results[index] = reply
@@ -367,7 +432,7 @@ class Broker:
                  keys.requests(shard), keys.chunks(rid)],
                 [self.group, self._result_ttl, self._chunk_ttl, rid, finish.result, finish.usage, finish.status,
                  keys.notify(rid), *((dead.entry_id, dead.reason, dead.payload) if dead else ("", "", b"")),
-                 *finish.entry_ids])
+                 finish.token or "", *finish.entry_ids])
 
     def _rotation(self) -> list[int]:
         """Shards in an order that starts one further each call, so no shard is always served last."""

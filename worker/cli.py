@@ -163,12 +163,16 @@ def run_assemble(args: argparse.Namespace) -> int:
     failed = False
     for name in args.files:
         try:
-            record = _assemble_file(name, args.mode)
+            line = orjson.dumps(_assemble_file(name, args.mode)) + b"\n"
         except (OSError, StreamfoldError) as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             failed = True
             continue
-        sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+        except orjson.JSONEncodeError as exc:  # a chunk nested deeper than JSON encoders write
+            print(f"{name}: the result cannot be written as JSON: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        sys.stdout.buffer.write(line)
         sys.stdout.flush()
     return 1 if failed else 0
 

@@ -7,7 +7,12 @@ ended - and, at the end, builds what the finish step publishes.
 Attempts: ``att`` numbers upstream retries. Only the latest attempt is assembled, never a mix: an envelope
 of a higher attempt starts the assembly over, one of a lower attempt is dropped. Within an attempt a chunk
 whose ``seq`` was already seen is a producer-side duplicate and is dropped; a ``seq`` that skips ahead is
-applied with a warning, since the missing chunks will not come back.
+applied, since the missing chunks will not come back, but the request can then end ``incomplete`` at best.
+
+Fault isolation: nothing a producer writes can make ``feed`` or ``outcome`` raise. A bad entry, a limit
+crossed (``worker.limits``) or a fault inside the assembler fails this request alone, and ``outcome``
+always returns a record that encodes - the finish step batches requests, so one that could not be encoded
+would take every request finishing beside it down with it.
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamfold.contract import (ErrorInfo, Fields, Mode, ResultRecord, Start, UsageEvent, decode_envelope,
-                                 decode_error, decode_start)
+                                 decode_error, decode_start, encode_record)
 from streamfold.errors import ChunkError, ContractError
 from worker.assembler import Assembler
+from worker.limits import Limits
+
+# A dead letter keeps this much of a rejected payload: enough to see what it was, never a copy of a huge one.
+DEAD_LETTER_PAYLOAD_BYTES = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +41,14 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What finishing a request publishes."""
+    """What finishing a request publishes: the record and usage event, and both as encoded."""
 
     record: ResultRecord
     usage: UsageEvent
     dead_letter: DeadLetter | None
+    encoded_record: bytes
+    encoded_usage: bytes
+    token: str | None = None
 
 
 class RequestState:
@@ -48,19 +60,23 @@ class RequestState:
     be finished and later entries are ignored.
     """
 
-    def __init__(self, request_id: str, entry_id: str, now: float) -> None:
+    def __init__(self, request_id: str, entry_id: str, now: float, limits: Limits = Limits()) -> None:
         self.request_id = request_id
         self.entries = [entry_id]
         self.cursor = "0-0"
         self.claimed_at = now
         self.last_activity = now
         self.ended = False
+        self._limits = limits
         self._meta: dict[str, Any] = {}
         self._mode: Mode = "auto"
+        self._token: str | None = None
         self._assembler: Assembler | None = None
         self._attempt = -1
         self._attempts: set[int] = set()
         self._last_seq = -1
+        self._gaps = False
+        self._attempt_bytes = 0
         self._duplicates = 0
         self._stalled = False
         self._warnings: list[str] = []
@@ -77,8 +93,10 @@ class RequestState:
             return True
         try:
             envelope = decode_envelope(fields)
-            if envelope.kind == "start":
-                self._start(decode_start(envelope), envelope.ts_ms)
+            if envelope.payload and (problem := self._limits.payload_problem(envelope.payload)) is not None:
+                self._reject(entry_id, "limit_exceeded", problem, envelope.payload)
+            elif envelope.kind == "start":
+                self._start(entry_id, decode_start(envelope), envelope.ts_ms)
             elif not self._enter_attempt(envelope.attempt):
                 self._duplicates += 1
             elif envelope.kind == "chunk":
@@ -90,7 +108,14 @@ class RequestState:
                 self._end(envelope.ts_ms)
         except ContractError as exc:
             self._reject(entry_id, "invalid_envelope", str(exc), fields.get(b"d", b""))
+        except Exception as exc:  # noqa: BLE001  (one request's fault stays its own; see the module docstring)
+            self._reject(entry_id, "worker_error", f"{type(exc).__name__}: {exc}", fields.get(b"d", b""))
         return self.ended
+
+    def refuse(self, problem: str) -> None:
+        """End the request failed because Redis will not serve its chunk stream (a key of another type)."""
+        if not self.ended:
+            self._reject(self.cursor, "invalid_stream", problem, b"")
 
     def stall_deadline(self, stall_timeout: float) -> float:
         return self.last_activity + stall_timeout
@@ -105,15 +130,18 @@ class RequestState:
         return True
 
     def outcome(self, finished_at_ms: int) -> Outcome:
-        """The result record, usage event and dead letter this request finishes with."""
+        """The result record, usage event and dead letter this request finishes with, encoded. Never raises:
+        a record that cannot be built or encoded is replaced by a failed one that says why."""
         try:
-            record = self._assembly().result(self.request_id, self._meta)
-        except Exception as exc:  # noqa: BLE001  (as in _chunk: one request's fault stays its own)
-            self._assembler = Assembler(self._mode)
-            self._assembler.fail(dict(ErrorInfo(message=f"could not build the result: {type(exc).__name__}: {exc}",
-                                                type="assembler_error", status=None, code=None)))
-            record = self._assembler.result(self.request_id, self._meta)
-        if self._stalled and record["status"] != "failed":
+            return self._encoded(self._record(finished_at_ms), finished_at_ms)
+        except Exception as exc:  # noqa: BLE001  (one request's fault stays its own)
+            error = ErrorInfo(message=f"could not build the result record: {type(exc).__name__}: {exc}",
+                              type="worker_error", status=None, code=None)
+            return self._encoded(self._failed_record(error, finished_at_ms), finished_at_ms)
+
+    def _record(self, finished_at_ms: int) -> ResultRecord:
+        record = self._assembly().result(self.request_id, self._meta)
+        if (self._stalled or self._gaps) and record["status"] == "completed":
             record["status"] = "incomplete"
         record["warnings"] = self._warnings + record["warnings"]
         start, end = self._start_ts, self._end_ts
@@ -124,14 +152,35 @@ class RequestState:
             duration_ms=_elapsed(start, end),
             finish_lag_ms=_elapsed(end, finished_at_ms),
         )
-        return Outcome(record, usage_event(record, finished_at_ms), self._dead)
+        return record
+
+    def _failed_record(self, error: ErrorInfo, finished_at_ms: int) -> ResultRecord:
+        """A record built from nothing the producer sent but the request id and, if it encodes, the meta."""
+        assembler = Assembler(self._mode)
+        assembler.fail(dict(error))
+        try:
+            encode_record(self._meta)
+            meta = self._meta
+        except TypeError:
+            meta = {}
+        record = assembler.result(self.request_id, meta)
+        record["metrics"].update(duplicates=self._duplicates, attempts=len(self._attempts), ttft_ms=None,
+                                 duration_ms=None, finish_lag_ms=_elapsed(self._end_ts, finished_at_ms))
+        return record
+
+    def _encoded(self, record: ResultRecord, finished_at_ms: int) -> Outcome:
+        usage = usage_event(record, finished_at_ms)
+        return Outcome(record, usage, self._dead, encode_record(record), encode_record(usage), self._token)
 
     # --- envelopes -------------------------------------------------------------------------------------
 
-    def _start(self, start: Start, ts_ms: int) -> None:
+    def _start(self, entry_id: str, start: Start, ts_ms: int) -> None:
         if self._start_ts is not None:
-            return  # a start written twice by a producer that retried its start transaction
-        self._meta, self._mode, self._start_ts = start.meta, start.mode, ts_ms
+            if start.token is not None and self._token is not None and start.token != self._token:
+                self._reject(entry_id, "request_id_reused", "a second producer started this request id while the "
+                             "first one's stream was open; their chunks cannot be told apart", b"")
+            return  # the same producer again: a retried start, or a re-run of the same request
+        self._meta, self._mode, self._token, self._start_ts = start.meta, start.mode, start.token, ts_ms
         if self._assembler is not None:
             self._warnings.append("chunks arrived before the start envelope")
 
@@ -144,7 +193,7 @@ class RequestState:
             if self._assembler is not None and self._assembler.chunks:
                 self._warnings.append(f"attempt {attempt} replaced attempt {self._attempt} "
                                       f"after {self._assembler.chunks} chunks")
-            self._attempt, self._last_seq = attempt, -1
+            self._attempt, self._last_seq, self._gaps, self._attempt_bytes = attempt, -1, False, 0
             self._assembler, self._first_chunk_ts = None, None
         return True
 
@@ -152,8 +201,19 @@ class RequestState:
         if seq <= self._last_seq:
             self._duplicates += 1
             return
+        if seq >= self._limits.chunks:
+            self._reject(entry_id, "limit_exceeded", f"chunk seq {seq} reaches STREAMFOLD_MAX_CHUNKS="
+                         f"{self._limits.chunks}", payload)
+            return
+        self._attempt_bytes += len(payload)
+        if self._attempt_bytes > self._limits.request_bytes:
+            self._reject(entry_id, "limit_exceeded", f"attempt {self._attempt} holds more than "
+                         f"STREAMFOLD_MAX_REQUEST_BYTES={self._limits.request_bytes} bytes of chunks", payload)
+            return
         if seq > self._last_seq + 1:
-            self._warnings.append(f"attempt {self._attempt}: chunks {self._last_seq + 1}..{seq - 1} missing")
+            self._gaps = True
+            self._warnings.append(f"attempt {self._attempt}: chunks {self._last_seq + 1}..{seq - 1} missing; "
+                                  "the output cannot be complete")
         self._last_seq = seq
         try:
             self._assembly().feed(payload)
@@ -174,7 +234,7 @@ class RequestState:
 
     def _reject(self, entry_id: str, error_type: str, reason: str, payload: bytes) -> None:
         """A poison entry: dead-letter it and fail the request, keeping the output assembled so far."""
-        self._dead = DeadLetter(entry_id, reason, payload)
+        self._dead = DeadLetter(entry_id, reason, payload[:DEAD_LETTER_PAYLOAD_BYTES])
         error = ErrorInfo(message=f"entry {entry_id} rejected: {reason}", type=error_type, status=None, code=None)
         self._assembly().fail(dict(error))
         self.ended = True

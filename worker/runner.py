@@ -2,8 +2,11 @@
 
 One thread serves up to ``concurrency`` requests at once; each turn of the loop is a handful of named steps
 (``Worker._step``), each a few Redis round trips through the Broker. Nothing here is lost when Redis goes
-away: the loop backs off and retries with all in-memory state kept, and whatever a dead worker held is
-recovered by its peers after the claim timeout.
+away or refuses a command: the loop backs off and retries with all in-memory state kept, and whatever a
+dead worker held is recovered by its peers after the claim timeout. Time spent waiting on Redis never
+counts towards a request's stall timeout. Nothing a producer writes reaches this loop as an exception:
+each request's entries and outcome are guarded in ``RequestState``, and the Broker reports a request whose
+keys Redis refuses on its own (``StreamsRefused``, ``Finished.refused``).
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from contextlib import contextmanager
 
 
 from streamfold.connection import connect
-from streamfold.contract import encode_record
-from streamfold.errors import ConfigError, RedisUnavailable
+from streamfold.errors import ConfigError, RedisRefused, RedisUnavailable
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings, load_settings
-from worker.broker import Broker, Claim, Finish
+from worker.broker import Broker, Claim, Finish, StreamsRefused
 from worker.housekeeping import Housekept, Housekeeper
+from worker.limits import Limits
 from worker.metrics import WorkerMetrics, now_ms
 from worker.request import RequestState
 
@@ -42,11 +45,14 @@ READ_INTERVAL = 0.002
 # Unexpected faults in a row after which the worker gives up and exits non-zero.
 MAX_CONSECUTIVE_FAULTS = 5
 
+# A read that returns this much later than it was allowed to block spent the difference waiting on Redis.
+SLOW_READ_MARGIN = 0.1
+
 # The settings a worker reads, in the order ``python -m worker run --help`` lists them.
 WORKER_SETTINGS = ("redis_url", "namespace", "shards", "group", "concurrency", "read_count", "block_ms",
                    "socket_timeout", "stall_timeout", "claim_timeout", "shutdown_grace", "result_ttl", "chunk_ttl",
-                   "results_max_age", "usage_max_age", "dead_letter_max_age", "dead_consumer_idle", "metrics_port",
-                   "log_format")
+                   "results_max_age", "usage_max_age", "dead_letter_max_age", "dead_consumer_idle", "max_chunk_bytes",
+                   "max_chunks", "max_request_bytes", "max_json_depth", "metrics_port", "log_format")
 
 
 class Worker:
@@ -61,6 +67,7 @@ class Worker:
         self.broker, self.burst = broker, burst
         self.concurrency = concurrency or settings.concurrency
         self._settings = settings
+        self._limits = Limits.from_settings(settings)
         self._clock = clock
         self._requests: dict[str, RequestState] = {}
         self.metrics = WorkerMetrics(self.concurrency)
@@ -84,7 +91,7 @@ class Worker:
             while not self._done:
                 try:
                     self._step()
-                except RedisUnavailable as exc:
+                except (RedisUnavailable, RedisRefused) as exc:
                     self._wait_out(exc)
                 except Exception:
                     self._survive_fault()
@@ -142,8 +149,15 @@ class Worker:
         if pause > 0:
             time.sleep(pause)
         self._last_read = self._clock()
-        batches = self.broker.read(cursors, watch=watch, block_ms=self._wait_ms())
+        block_ms = self._wait_ms()
+        try:
+            batches = self.broker.read(cursors, watch=watch, block_ms=block_ms)
+        except StreamsRefused as refused:
+            for request_id, problem in refused.problems.items():
+                self._requests[request_id].refuse(problem)
+            return
         now = self._clock()
+        self._discount_redis_time(now - self._last_read - block_ms / 1000)
         for request_id, entries in batches.items():
             state = self._requests[request_id]
             for entry_id, fields in entries:
@@ -163,21 +177,30 @@ class Worker:
             return
         finished_at_ms = now_ms()
         outcomes = [state.outcome(finished_at_ms) for state in ended]
-        published = self.broker.finish([
-            Finish(state.request_id, tuple(state.entries), outcome.record["status"], encode_record(outcome.record),
-                   encode_record(outcome.usage), outcome.dead_letter)
+        replies = self.broker.finish([
+            Finish(state.request_id, tuple(state.entries), outcome.record["status"], outcome.encoded_record,
+                   outcome.encoded_usage, outcome.dead_letter, outcome.token)
             for state, outcome in zip(ended, outcomes)])
         now = self._clock()
-        for state, outcome, first in zip(ended, outcomes, published):
+        refused = []
+        for state, outcome, reply in zip(ended, outcomes, replies):
+            if reply.refused is not None:
+                refused.append(reply.refused)  # kept in flight, finished again after the backoff
+                continue
             del self._requests[state.request_id]
             record, dead = outcome.record, outcome.dead_letter
-            self.metrics.finished(record, published=first, dead_letter=dead is not None, held_s=now - state.claimed_at)
+            self.metrics.finished(record, published=reply.published, dead_letter=dead is not None or reply.reused,
+                                  held_s=now - state.claimed_at)
             if dead is not None:
                 self._log.warning("entry_dead_lettered", request_id=state.request_id, entry=dead.entry_id,
                                   reason=dead.reason)
+            if reply.reused:
+                self._log.warning("request_id_reused", request_id=state.request_id, entries=state.entries)
             # published=false: finished before (by a peer, or a retried finish); nothing published again.
             self._log.info("request_finished", request_id=state.request_id, status=record["status"],
-                           chunks=record["metrics"]["chunks"], published=first)
+                           chunks=record["metrics"]["chunks"], published=reply.published)
+        if refused:
+            raise RedisRefused(f"Redis refused to finish {len(refused)} requests: {refused[0]}")
 
     def _heartbeat_if_due(self) -> None:
         now = self._clock()
@@ -232,7 +255,7 @@ class Worker:
                 if claim.entry_id not in state.entries:
                     state.entries.append(claim.entry_id)
             elif len(self._requests) < self.concurrency:
-                self._requests[claim.request_id] = RequestState(claim.request_id, claim.entry_id, now)
+                self._requests[claim.request_id] = RequestState(claim.request_id, claim.entry_id, now, self._limits)
                 adopted += 1
                 self._log.log(logging.INFO if how == "recovered" else logging.DEBUG, f"request_{how}",
                               request_id=claim.request_id, entry=claim.entry_id)
@@ -269,20 +292,30 @@ class Worker:
         seconds = min(self._settings.block_ms / 1000, min(deadlines) - now)
         return max(0, math.ceil(seconds * 1000))
 
-    def _wait_out(self, exc: RedisUnavailable) -> None:
+    def _wait_out(self, exc: RedisUnavailable | RedisRefused) -> None:
+        """Back off after Redis could not serve, or refused a command (an ACL, a key of the wrong type
+        that is the pool's and not one request's): both may be put right while the worker waits."""
         self.metrics.redis_error()
+        event = "redis_unavailable" if isinstance(exc, RedisUnavailable) else "redis_refused"
         if self._drain_until is not None and (not self._requests or self._clock() >= self._drain_until):
             # Exits with what is in flight unfinished: peers recover it after the claim timeout.
-            self._log.error("redis_unavailable_while_draining", error=str(exc), unfinished=len(self._requests))
+            self._log.error(f"{event}_while_draining", error=str(exc), unfinished=len(self._requests))
             self._done = True
             return
         delay = self._backoff.next_delay()
-        self._log.warning("redis_unavailable", error=str(exc), retry_in_s=round(delay, 3))
+        self._log.log(logging.WARNING if isinstance(exc, RedisUnavailable) else logging.ERROR, event, error=str(exc),
+                      retry_in_s=round(delay, 3))
         time.sleep(delay)
         now = self._clock()
         for state in self._requests.values():
             # An outage is not a stall: nothing could be read meanwhile, so the stall clocks restart.
             state.last_activity = max(state.last_activity, now)
+
+    def _discount_redis_time(self, waited: float) -> None:
+        """A read that came back late spent that time waiting on Redis: not a silence of the requests."""
+        if waited > SLOW_READ_MARGIN:
+            for state in self._requests.values():
+                state.last_activity += waited
 
     def _survive_fault(self) -> None:
         """A fault in this worker's own code or an unexpected Redis reply: log it, back off and go on with

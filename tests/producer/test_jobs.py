@@ -177,7 +177,9 @@ def test_a_clean_stream_is_published_as_start_each_raw_chunk_and_end(fake_redis:
     assert [e.kind for e in published] == ["start"] + ["chunk"] * len(chunks_of()) + ["end"]
     assert [e.payload for e in published if e.kind == "chunk"] == chunks_of()
     assert [e.seq for e in published if e.kind == "chunk"] == list(range(len(chunks_of())))
-    assert orjson.loads(published[0].payload) == {"meta": {"user": "u1"}, "mode": "incremental"}
+    # The job's token: a re-run of the same job may start the request again, no other producer may.
+    assert orjson.loads(published[0].payload) == {"meta": {"user": "u1"}, "mode": "incremental",
+                                                  "token": job_id(keys, "req-1")}
     record = worker_record(fake_redis, keys)
     assert record["completion"] == assemble(chunks_of())["completion"]
     assert record["status"] == "completed"

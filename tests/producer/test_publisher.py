@@ -14,7 +14,8 @@ from pydantic import BaseModel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producer.publisher import Publisher, new_request_id, raw_payload, validate_request_id
+from producer.publisher import Publisher, new_request_id, raw_payload
+from streamfold.contract import validate_request_id
 from streamfold import contract
 from streamfold.contract import Envelope
 from streamfold.errors import ContractError, RedisRefused, RedisUnavailable
@@ -38,34 +39,41 @@ def control_entries(client: redis.Redis, keys: Keys) -> list[dict[bytes, bytes]]
     return [fields for shard in keys.shard_ids() for _, fields in client.xrange(keys.requests(shard))]
 
 
-def test_start_writes_the_start_envelope_and_the_control_entry_in_one_transaction(
-        fake_redis: fakeredis.FakeRedis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
-    sent: list[tuple[bool, list[tuple[Any, ...]]]] = []
-    make_pipeline = fake_redis.pipeline
+def test_start_claims_the_id_and_writes_the_start_envelope_and_the_control_entry(
+        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
+    publisher = Publisher(fake_redis, keys, max_age=1_000)
+    publisher.start("req-1", {"user": "u1"}, "cumulative", token="producer-a")
 
-    def recording_pipeline(transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe = make_pipeline(transaction=transaction, shard_hint=shard_hint)
-        execute = pipe.execute
-
-        def recorded_execute(raise_on_error: bool = True) -> Any:
-            sent.append((transaction, [args for args, _ in pipe.command_stack]))
-            return execute(raise_on_error)
-        pipe.execute = recorded_execute  # type: ignore[method-assign]
-        return pipe
-
-    monkeypatch.setattr(fake_redis, "pipeline", recording_pipeline)
-    publisher = Publisher(fake_redis, keys)
-    publisher.start("req-1", {"user": "u1"}, "cumulative")
-
-    [(transactional, commands)] = sent
-    assert transactional
-    assert [command[:2] for command in commands] == [
-        ("XADD", keys.chunks("req-1")), ("EXPIRE", keys.chunks("req-1")), ("XADD", keys.requests(keys.shard("req-1")))]
     [start] = envelopes(fake_redis, keys, "req-1")
     assert start.kind == "start" and start.attempt == 0
-    assert contract.decode_start(start) == contract.Start({"user": "u1"}, "cumulative")
+    assert contract.decode_start(start) == contract.Start({"user": "u1"}, "cumulative", "producer-a")
     [control] = control_entries(fake_redis, keys)
     assert control[b"rid"] == b"req-1" and int(control[b"ts"]) == start.ts_ms
+    assert fake_redis.get(keys.owner("req-1")) == b"producer-a"
+    assert 990 < fake_redis.ttl(keys.owner("req-1")) <= 1_000
+
+
+def test_a_request_id_in_use_by_another_producer_is_refused_and_nothing_written(
+        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
+    first, second = Publisher(fake_redis, keys), Publisher(fake_redis, keys)
+    first.start("req-1")
+    with pytest.raises(ContractError, match="already in use"):
+        second.start("req-1")
+    with pytest.raises(ContractError, match="already in use"):
+        first.start("req-1", token="someone-else")
+    assert len(envelopes(fake_redis, keys, "req-1")) == 1
+    assert len(control_entries(fake_redis, keys)) == 1
+
+
+def test_the_same_producer_may_start_again_after_a_lost_reply_or_in_a_rerun(
+        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
+    publisher = Publisher(fake_redis, keys)
+    publisher.start("req-1")
+    publisher.start("req-1")  # its own retry: same token
+    Publisher(fake_redis, keys).start("req-2", token="job-7")
+    Publisher(fake_redis, keys).start("req-2", token="job-7")  # a re-run of the same job, in a new process
+    assert [e.kind for e in envelopes(fake_redis, keys, "req-1")] == ["start", "start"]
+    assert len(envelopes(fake_redis, keys, "req-2")) == 2
 
 
 def test_request_keys_of_one_request_share_the_shard_slot(keys: Keys) -> None:

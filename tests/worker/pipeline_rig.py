@@ -34,11 +34,17 @@ def recorded_names() -> list[str]:
     return sorted(path.stem for path in RECORDED.glob("*.jsonl"))
 
 
+def mixed_corpus(count: int) -> dict[str, list[bytes]]:
+    """``count`` requests by id, their chunks taken from the recorded streams in turn."""
+    names = recorded_names()
+    return {f"{names[n % len(names)]}-{n}": recorded(names[n % len(names)]) for n in range(count)}
+
+
 class Rig:
     """One namespace on one Redis (fake or real), with the settings every test starts from."""
 
     def __init__(self, client: redis.Redis, namespace: str, **settings: Any) -> None:
-        defaults: dict[str, Any] = dict(namespace=namespace, claim_timeout=5.0, stall_timeout=5.0, block_ms=50,
+        defaults: dict[str, Any] = dict(namespace=namespace, claim_timeout=5.0, stall_timeout=5.0, block_ms=50, socket_timeout=2.0,
                                         shutdown_grace=0.0)
         self.client = client
         self.settings = Settings(**{**defaults, **settings})

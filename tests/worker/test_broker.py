@@ -13,7 +13,7 @@ from streamfold.connection import connect
 from streamfold.contract import encode_record
 from streamfold.errors import RedisUnavailable
 from streamfold.settings import Settings
-from worker.broker import Broker, Claim, Finish
+from worker.broker import Broker, Claim, Finish, Finished
 from worker.housekeeping import Housekeeper
 from worker.request import DeadLetter
 
@@ -99,7 +99,7 @@ def test_finish_publishes_result_usage_and_notice_once(rig: Rig) -> None:
     pubsub = rig.client.pubsub()
     pubsub.subscribe(rig.keys.notify("r1"))
     assert pubsub.get_message(timeout=1.0)["type"] == "subscribe"
-    assert broker.finish([_finish("r1", claim.entry_id)]) == [True]
+    assert broker.finish([_finish("r1", claim.entry_id)]) == [Finished(True)]
     assert [record["request_id"] for record in rig.results()] == ["r1"]
     assert [event["request_id"] for event in rig.usage()] == ["r1"]
     assert rig.client.get(rig.keys.result("r1")) == encode_record({"request_id": "r1", "status": "completed"})
@@ -115,8 +115,8 @@ def test_a_second_finisher_is_a_no_op_that_still_acknowledges_its_entry(rig: Rig
     first, second = rig.broker("a"), rig.broker("b")
     (claim,) = first.claim(1)
     rig.client.xclaim(rig.keys.requests(0), "workers", "b", 0, [claim.entry_id])  # b recovered it
-    assert first.finish([_finish("r1", claim.entry_id)]) == [True]
-    assert second.finish([_finish("r1", claim.entry_id, status="incomplete")]) == [False]
+    assert first.finish([_finish("r1", claim.entry_id)]) == [Finished(True)]
+    assert second.finish([_finish("r1", claim.entry_id, status="incomplete")]) == [Finished(False)]
     assert [record["status"] for record in rig.results()] == ["completed"]
     assert len(rig.usage()) == 1
     assert rig.pending() == []
@@ -128,7 +128,7 @@ def test_finish_loads_its_script_again_when_redis_lost_it(rig: Rig) -> None:
     broker = rig.broker()
     claims = broker.claim(3)
     rig.client.script_flush()
-    assert broker.finish([_finish(claim.request_id, claim.entry_id) for claim in claims]) == [True] * 3
+    assert broker.finish([_finish(claim.request_id, claim.entry_id) for claim in claims]) == [Finished(True)] * 3
     rig.client.script_flush()
     assert broker.heartbeat({"r0": [claims[0].entry_id]}) == {}  # acknowledged: no longer owned
     assert len(rig.results()) == 3
@@ -302,10 +302,15 @@ def test_a_watching_read_wakes_for_a_new_request(real_redis: redis.Redis, real_r
 
 
 @pytest.mark.redis
-def test_a_blocking_read_past_the_socket_timeout_is_no_data(namespace: str, real_redis_url: str) -> None:
+def test_a_blocking_read_that_outlives_the_socket_timeout_is_redis_unavailable(namespace: str,
+                                                                              real_redis_url: str) -> None:
+    # Redis did not answer in time: the worker must count that as time without Redis, not as a silence.
     client = redis.Redis.from_url(real_redis_url, socket_timeout=0.2)
     broker: Broker = Rig(client, namespace).broker()
     broker.ensure_group()
-    assert broker.claim(1, block_ms=1_000) == []
-    assert broker.read({"r1": "0-0"}, block_ms=1_000) == {}
+    with pytest.raises(RedisUnavailable):
+        broker.claim(1, block_ms=1_000)
+    with pytest.raises(RedisUnavailable):
+        broker.read({"r1": "0-0"}, block_ms=1_000)
+    assert broker.claim(1) == []  # the entries a lost claim reply held would be re-read from here
     client.close()

@@ -7,77 +7,22 @@ checks the one promise: every request gets exactly one result and one usage even
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import redis
 
-from pipeline_rig import ROOT, Rig, recorded, recorded_names, wait_until
+from pipeline_rig import Rig, mixed_corpus, recorded, wait_until
+from worker_processes import CuttableProxy, spawn  # noqa: F401  (a fixture)
 from worker import assemble
 
 pytestmark = pytest.mark.redis
 
 
-class WorkerProcess:
-    """``python -m worker run`` in a child process, its log kept in a file for the failure report."""
-
-    def __init__(self, log_dir: Path, name: str, redis_url: str, namespace: str, *args: str, **settings: Any) -> None:
-        env = {**os.environ, "STREAMFOLD_REDIS_URL": redis_url, "STREAMFOLD_NAMESPACE": namespace,
-               "STREAMFOLD_BLOCK_MS": "100", "STREAMFOLD_SOCKET_TIMEOUT": "2",
-               **{f"STREAMFOLD_{key.upper()}": str(value) for key, value in settings.items()}}
-        self.log_path = log_dir / f"{name}.log"
-        self._log: IO[bytes] = self.log_path.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "worker", "run", "--name", name, *args], env=env,
-                                        cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def signal(self, sig: int) -> None:
-        self.process.send_signal(sig)
-
-    def wait(self, timeout: float = 15.0) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture
-def spawn(tmp_path: Path, real_redis_url: str, namespace: str) -> Iterator[Any]:
-    workers: list[WorkerProcess] = []
-
-    def start(name: str, *args: str, redis_url: str = real_redis_url, **settings: Any) -> WorkerProcess:
-        workers.append(WorkerProcess(tmp_path, name, redis_url, namespace, *args, **settings))
-        return workers[-1]
-
-    yield start
-    for worker in workers:
-        worker.stop()
-
-
 @pytest.fixture
 def rig(real_redis: redis.Redis, namespace: str) -> Rig:
     return Rig(real_redis, namespace)
-
-
-def _corpus(count: int) -> dict[str, list[bytes]]:
-    names = recorded_names()
-    return {f"{names[n % len(names)]}-{n}": recorded(names[n % len(names)]) for n in range(count)}
 
 
 def _owned_by(rig: Rig, consumer: str) -> int:
@@ -104,7 +49,7 @@ def _assert_exactly_once(rig: Rig, corpus: dict[str, list[bytes]]) -> None:
 
 
 def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(rig: Rig, spawn: Any) -> None:
-    corpus = _corpus(24)
+    corpus = mixed_corpus(24)
     finished_first = dict(list(corpus.items())[:4])
     for request_id, chunks in corpus.items():
         rig.publish(request_id, chunks[:len(chunks) // 2], end=False)
@@ -137,7 +82,7 @@ def test_a_worker_killed_mid_stream_loses_and_doubles_nothing(rig: Rig, spawn: A
 
 
 def test_sigterm_finishes_what_it_can_hands_back_the_rest_and_exits_0(rig: Rig, spawn: Any) -> None:
-    corpus = _corpus(6)
+    corpus = mixed_corpus(6)
     for request_id, chunks in corpus.items():
         rig.publish(request_id, chunks[:2], end=False)
     leaving = spawn("leaving", claim_timeout=30, shutdown_grace=2)
@@ -158,7 +103,7 @@ def test_sigterm_finishes_what_it_can_hands_back_the_rest_and_exits_0(rig: Rig, 
 
 
 def test_a_second_sigterm_hands_back_at_once(rig: Rig, spawn: Any) -> None:
-    corpus = _corpus(3)
+    corpus = mixed_corpus(3)
     for request_id, chunks in corpus.items():
         rig.publish(request_id, chunks[:2], end=False)
     leaving = spawn("leaving", claim_timeout=30, shutdown_grace=60)
@@ -171,7 +116,7 @@ def test_a_second_sigterm_hands_back_at_once(rig: Rig, spawn: Any) -> None:
 
 
 def test_a_worker_restarted_under_its_name_resumes_its_claims_at_once(rig: Rig, spawn: Any) -> None:
-    corpus = _corpus(4)
+    corpus = mixed_corpus(4)
     for request_id, chunks in corpus.items():
         rig.publish(request_id, chunks[:2], end=False)
     first = spawn("steady", claim_timeout=30)
@@ -184,74 +129,11 @@ def test_a_worker_restarted_under_its_name_resumes_its_claims_at_once(rig: Rig, 
     _assert_exactly_once(rig, corpus)
 
 
-class CuttableProxy:
-    """A TCP proxy to Redis that the test can cut (every connection dropped, new ones refused) and restore."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.up = threading.Event()
-        self.up.set()
-        self.refused = 0
-        self._lock = threading.Lock()
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def cut(self) -> None:
-        self.up.clear()
-        with self._lock:
-            for sock in self._open:
-                _close(sock)
-            self._open.clear()
-
-    def restore(self) -> None:
-        self.up.set()
-
-    def close(self) -> None:
-        self.cut()
-        _close(self.server)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            if not self.up.is_set():
-                self.refused += 1
-                _close(client)
-                continue
-            upstream = socket.create_connection(self.target)
-            with self._lock:
-                self._open += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        _close(source)
-        _close(sink)
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
-
-
 def test_a_cut_and_restored_connection_loses_nothing(rig: Rig, spawn: Any, real_redis_url: str) -> None:
     kwargs = rig.client.connection_pool.connection_kwargs
     proxy = CuttableProxy((kwargs["host"], kwargs["port"]))
     try:
-        corpus = _corpus(10)
+        corpus = mixed_corpus(10)
         for request_id, chunks in corpus.items():
             rig.publish(request_id, chunks[:3], end=False)
         url = f"redis://127.0.0.1:{proxy.port}/{kwargs.get('db', 0)}"

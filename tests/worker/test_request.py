@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pipeline_rig import recorded
 from streamfold.contract import Fields, encode_chunk, encode_end, encode_error, encode_start
 from worker import Assembler, assemble
+from worker.limits import Limits
 from worker.request import RequestState
 
 
@@ -101,7 +102,7 @@ def test_envelopes_of_an_older_attempt_are_ignored() -> None:
     assert record["metrics"]["duplicates"] == 3 + 2
 
 
-def test_a_seq_gap_is_applied_with_a_warning() -> None:
+def test_a_seq_gap_is_applied_but_the_request_can_only_end_incomplete() -> None:
     chunks = recorded("openai_refusal")
     stream = Stream()
     stream.start()
@@ -110,7 +111,9 @@ def test_a_seq_gap_is_applied_with_a_warning() -> None:
             stream.chunk(raw, seq)
     stream.end()
     record = stream.state.outcome(2_000).record
-    assert record["warnings"] == ["attempt 0: chunks 4..5 missing"]
+    assert assemble(chunks)["status"] == "completed"
+    assert record["status"] == "incomplete"
+    assert record["warnings"] == ["attempt 0: chunks 4..5 missing; the output cannot be complete"]
     assert record["metrics"]["chunks"] == len(chunks) - 2
 
 
@@ -249,3 +252,78 @@ def test_any_resent_chunks_give_the_same_record_as_the_clean_stream(resends: lis
     record = stream.state.outcome(2_000).record
     assert record["completion"] == assemble(chunks)["completion"]
     assert (record["status"], record["warnings"], record["metrics"]["chunks"]) == ("completed", [], len(chunks))
+
+
+def test_a_record_that_cannot_be_encoded_is_replaced_by_a_failed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = iter([TypeError("Recursion limit reached")])
+
+    def encode_once_failing(record: Any) -> bytes:
+        error = next(calls, None)
+        if error is not None:
+            raise error
+        return orjson.dumps(record)
+
+    monkeypatch.setattr("worker.request.encode_record", encode_once_failing)
+    stream = Stream()
+    stream.start(meta={"tenant": "acme"})
+    stream.chunks(recorded("openai_refusal"))
+    stream.end()
+    outcome = stream.state.outcome(2_000)
+    assert orjson.loads(outcome.encoded_record) == outcome.record
+    assert (outcome.record["status"], outcome.record["error"]["type"]) == ("failed", "worker_error")
+    assert "Recursion limit reached" in outcome.record["error"]["message"]
+    assert (outcome.record["meta"], outcome.usage["meta"]) == ({"tenant": "acme"}, {"tenant": "acme"})
+    assert orjson.loads(outcome.encoded_usage)["error_type"] == "worker_error"
+
+
+@pytest.mark.parametrize(("limits", "setting"), [
+    (Limits(chunk_bytes=1_024), "STREAMFOLD_MAX_CHUNK_BYTES=1024"),
+    (Limits(chunks=5), "STREAMFOLD_MAX_CHUNKS=5"),
+    (Limits(request_bytes=2_000), "STREAMFOLD_MAX_REQUEST_BYTES=2000"),
+    (Limits(json_depth=8), "STREAMFOLD_MAX_JSON_DEPTH=8"),
+])
+def test_crossing_a_limit_fails_the_request_naming_the_setting_and_keeps_what_came_before(
+        limits: Limits, setting: str) -> None:
+    chunks = recorded("openai_refusal")[:5]
+    poison = (b'{"choices":[{"index":0,"delta":{"content":"' + b"x" * 1_100 + b'"}}],"x":' + b"[" * 9
+              + b"]" * 9 + b"}")
+    stream = Stream()
+    stream.state = RequestState("r1", "1-0", 100.0, limits)
+    stream.start()
+    stream.chunks(chunks)
+    assert stream.chunk(poison, len(chunks))
+    outcome = stream.state.outcome(2_000)
+    assert (outcome.record["status"], outcome.record["error"]["type"]) == ("failed", "limit_exceeded")
+    assert setting in outcome.record["error"]["message"]
+    assert outcome.record["completion"]["choices"] == assemble(chunks[:5])["completion"]["choices"]
+
+
+def test_limits_count_each_attempt_afresh() -> None:
+    chunk = b'{"choices":[{"index":0,"delta":{"content":"' + b"x" * 400 + b'"}}]}'
+    stream = Stream()
+    stream.state = RequestState("r1", "1-0", 100.0, Limits(chunks=3, request_bytes=1_400))
+    stream.start()
+    stream.chunks([chunk] * 3)
+    stream.chunks([chunk] * 3, attempt=1)  # a retry starts over: three more fit
+    stream.end(attempt=1)
+    assert stream.state.outcome(2_000).record["error"] is None
+
+
+def test_a_dead_letter_keeps_at_most_64_kib_of_the_payload() -> None:
+    stream = Stream()
+    stream.start()
+    assert stream.chunk(b"{" + b"x" * 100_000, 0)
+    dead = stream.state.outcome(2_000).dead_letter
+    assert dead is not None and len(dead.payload) == 65_536
+
+
+def test_a_second_start_with_another_token_fails_the_request_as_reused() -> None:
+    stream = Stream()
+    stream.entry(encode_start({}, "auto", attempt=0, ts_ms=1, token="a"))
+    stream.chunks(recorded("openai_refusal")[:2])
+    stream.entry(encode_start({}, "auto", attempt=0, ts_ms=2, token="a"))  # its own re-run: fine
+    assert not stream.state.ended
+    assert stream.entry(encode_start({}, "auto", attempt=0, ts_ms=3, token="b"))
+    outcome = stream.state.outcome(2_000)
+    assert outcome.record["error"]["type"] == "request_id_reused"
+    assert outcome.token == "a"

@@ -3,7 +3,9 @@
 -- One script, so Redis runs it as one step: a worker that dies or loses its connection part-way can never
 -- leave a result without its usage event, an acknowledged request without a result, or a result published
 -- twice. The done marker (SET NX) makes every later finisher of the same request - a peer that recovered
--- it, a retry after a lost reply - a no-op apart from acknowledging its own control entries.
+-- it, a retry after a lost reply - a no-op apart from acknowledging its own control entries. The marker
+-- holds the producer token of the request's start: a later finisher with another token is a different
+-- request that reused the id; it is dead-lettered, never published over the first one's result.
 --
 -- KEYS (all carry the request's shard tag, so this runs in one slot of a cluster):
 --   1 done marker   2 results stream   3 result key   4 usage stream   5 dead-letter stream
@@ -11,11 +13,12 @@
 -- ARGV:
 --   1 group   2 result ttl (s)   3 chunk ttl (s)   4 request id   5 result record   6 usage event   7 status
 --   8 notify channel (a channel, not a key)   9 dead-letter entry id ('' for none)   10 its reason
---   11 its raw payload   12.. the control entries to acknowledge
--- Returns 1 when this call published the result, 0 when an earlier finisher had.
+--   11 its raw payload   12 producer token ('' for none)   13.. the control entries to acknowledge
+-- Returns 1 when this call published the result, 0 when an earlier finisher of the same request had, and
+-- -1 when an earlier request with the same id had.
 
-local first = redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', ARGV[2])
-if first then
+local reply = 1
+if redis.call('SET', KEYS[1], ARGV[12], 'NX', 'EX', ARGV[2]) then
   redis.call('XADD', KEYS[2], '*', 'rid', ARGV[4], 'd', ARGV[5])
   redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[2])
   redis.call('XADD', KEYS[4], '*', 'rid', ARGV[4], 'd', ARGV[6])
@@ -23,13 +26,19 @@ if first then
     redis.call('XADD', KEYS[5], '*', 'rid', ARGV[4], 'entry', ARGV[9], 'reason', ARGV[10], 'd', ARGV[11])
   end
   redis.call('PUBLISH', ARGV[8], ARGV[7])
+else
+  reply = 0
+  local owner = redis.call('GET', KEYS[1])
+  if owner and owner ~= '' and ARGV[12] ~= '' and owner ~= ARGV[12] then
+    reply = -1
+    redis.call('XADD', KEYS[5], '*', 'rid', ARGV[4], 'entry', ARGV[13] or '', 'reason',
+               'request id reused: a request of another producer with this id finished before; its result stands',
+               'd', '')
+  end
 end
-if #ARGV >= 12 then
-  redis.call('XACK', KEYS[6], ARGV[1], unpack(ARGV, 12))
+if #ARGV >= 13 then
+  redis.call('XACK', KEYS[6], ARGV[1], unpack(ARGV, 13))
 end
 -- The chunks stay readable for followers of the request until they expire; never deleted here.
 redis.call('EXPIRE', KEYS[7], ARGV[3])
-if first then
-  return 1
-end
-return 0
+return reply
