@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench typecheck clean
+.PHONY: demo test bench typecheck fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,19 @@ $(BENCH_VENV)/.installed: pyproject.toml
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/assembler.py
 
+# Coverage-guided fuzzing of every worker decode path (fuzz/worker_inputs.py), FUZZ_SECONDS per target.
+FUZZ_VENV ?= .venv-fuzz
+FUZZ_SECONDS ?= 60
+$(FUZZ_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FUZZ_VENV)
+	$(FUZZ_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FUZZ_VENV)/bin/python -m pip install --quiet -e '.[fuzz]'
+	touch $@
+
+fuzz: $(FUZZ_VENV)/.installed
+	for target in chunk envelopes capture; do \
+	  $(FUZZ_VENV)/bin/python fuzz/worker_inputs.py $$target -max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) $(FUZZ_VENV) .pytest_cache .mypy_cache .hypothesis *.egg-info fuzz/corpus
