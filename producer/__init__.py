@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from producer.follow import afollow, follow
 from producer.publisher import Publisher, new_request_id
 from producer.results import get_result, wait_for_result
 
 if TYPE_CHECKING:
     from producer.jobs import cancel, enqueue_chat_completion
 
-__all__ = ["Publisher", "cancel", "enqueue_chat_completion", "get_result", "new_request_id", "wait_for_result"]
+__all__ = ["Publisher", "afollow", "cancel", "enqueue_chat_completion", "follow", "get_result", "new_request_id",
+           "wait_for_result"]
 
 _JOBS = frozenset({"cancel", "enqueue_chat_completion"})
 

@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("--wait", type=float, metavar="SECONDS",
                         help="wait up to SECONDS for the result to be published (woken by pub/sub, no polling)")
 
+    live = _command(commands, "follow", _follow, _READING, "follow a request live, as it streams",
+                    "Print a request's content as it streams - only the content, on stdout, so that what is "
+                    "printed is exactly the final content - with reasoning, tool calls (once complete) and how it "
+                    "ended on stderr. Works while the request streams, after it finished, and resumes after a "
+                    "dropped connection with --after. Exit status: 0 completed, 1 failed or incomplete, 3 when a "
+                    "retried upstream call replaced text already printed.")
+    live.add_argument("request_id", metavar="REQUEST_ID")
+    live.add_argument("--after", metavar="TOKEN", help="continue after the event with this resume token (see --json)")
+    live.add_argument("--json", action="store_true", help="print every event as a JSON line, each with its token")
+    live.add_argument("--wait", type=float, metavar="SECONDS",
+                      help="give up (exit 1) if the request has not started within SECONDS (default: wait)")
+
     results = _command(commands, "results", _results, _READING, "print result records as they are published",
                        "Print result records from every shard's results stream, one JSON line each: with "
                        "--from-start every record still stored, with --follow each new one as it is published.")
@@ -165,6 +177,16 @@ def _result(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"no result for {args.request_id}", 1)
     _emit(record)
     return 0
+
+
+def _follow(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.follow import follow
+    from producer.terminal import show_events
+    try:
+        events = follow(args.request_id, after=args.after, wait=args.wait, settings=settings)
+        return show_events(events, sys.stdout, sys.stderr, as_json=args.json)
+    except ValueError as exc:  # a resume token that is not one
+        raise ConfigError(str(exc)) from None
 
 
 def _results(args: argparse.Namespace, settings: Settings) -> int:

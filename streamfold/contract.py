@@ -6,10 +6,12 @@ A request's chunk stream holds *envelopes*, flat Redis stream entries::
     k=chunk  att=<n> ts=<ms> seq=<n> d=<the raw chunk payload, byte for byte as received>
     k=end    att=<n> ts=<ms>
     k=error  att=<n> ts=<ms> d=<json {"message": ..., "type": ..., "status": ..., "code": ...}>
+    k=final  att=0   ts=<ms> d=<status>      written by the worker that published the result, never a producer
 
 ``att`` is the upstream attempt: a retry after chunks were pushed starts attempt n+1, and a worker assembles
 only the latest attempt. ``seq`` numbers chunks within an attempt from 0; a repeated (att, seq) is a
-duplicate from a producer retry and is dropped. ``att``, ``seq`` and ``ts`` are non-negative integers below
+duplicate from a producer retry and is dropped. The ``final`` entry closes the stream for followers: it
+follows the result's publication in the same atomic step, so whoever reads it finds the result record. ``att``, ``seq`` and ``ts`` are non-negative integers below
 2**63, so every record that carries them can be encoded. The start's ``token`` names the producer that
 owns the request id: a start written again with the same token is a retry or a re-run of the same request,
 one with another token is a second request reusing the id, which fails.
@@ -34,7 +36,7 @@ import orjson
 
 from streamfold.errors import ContractError
 
-Kind = Literal["start", "chunk", "end", "error"]
+Kind = Literal["start", "chunk", "end", "error", "final"]
 Mode = Literal["auto", "incremental", "cumulative"]
 Status = Literal["completed", "incomplete", "failed"]
 MODES: tuple[str, ...] = get_args(Mode)

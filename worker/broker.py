@@ -75,6 +75,7 @@ class Finish:
     usage: bytes
     dead_letter: DeadLetter | None = None
     token: str | None = None
+    finished_at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +433,7 @@ class Broker:
                  keys.requests(shard), keys.chunks(rid)],
                 [self.group, self._result_ttl, self._chunk_ttl, rid, finish.result, finish.usage, finish.status,
                  keys.notify(rid), *((dead.entry_id, dead.reason, dead.payload) if dead else ("", "", b"")),
-                 finish.token or "", *finish.entry_ids])
+                 finish.token or "", finish.finished_at_ms, *finish.entry_ids])
 
     def _rotation(self) -> list[int]:
         """Shards in an order that starts one further each call, so no shard is always served last."""

@@ -97,6 +97,8 @@ class RequestState:
                 self._reject(entry_id, "limit_exceeded", problem, envelope.payload)
             elif envelope.kind == "start":
                 self._start(entry_id, decode_start(envelope), envelope.ts_ms)
+            elif envelope.kind == "final":
+                self.ended = True  # another worker published this request's result: this finish changes nothing
             elif not self._enter_attempt(envelope.attempt):
                 self._duplicates += 1
             elif envelope.kind == "chunk":
@@ -111,6 +113,20 @@ class RequestState:
         except Exception as exc:  # noqa: BLE001  (one request's fault stays its own; see the module docstring)
             self._reject(entry_id, "worker_error", f"{type(exc).__name__}: {exc}", fields.get(b"d", b""))
         return self.ended
+
+    @property
+    def assembler(self) -> Assembler | None:
+        """The assembly of the attempt being followed; a new object whenever a newer attempt starts over."""
+        return self._assembler
+
+    @property
+    def attempt(self) -> int:
+        """The upstream attempt being assembled (-1 before any)."""
+        return self._attempt
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
 
     def refuse(self, problem: str) -> None:
         """End the request failed because Redis will not serve its chunk stream (a key of another type)."""

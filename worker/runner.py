@@ -179,7 +179,7 @@ class Worker:
         outcomes = [state.outcome(finished_at_ms) for state in ended]
         replies = self.broker.finish([
             Finish(state.request_id, tuple(state.entries), outcome.record["status"], outcome.encoded_record,
-                   outcome.encoded_usage, outcome.dead_letter, outcome.token)
+                   outcome.encoded_usage, outcome.dead_letter, outcome.token, finished_at_ms)
             for state, outcome in zip(ended, outcomes)])
         now = self._clock()
         refused = []

@@ -139,8 +139,20 @@ def test_finish_keeps_the_chunks_readable_until_their_ttl(rig: Rig) -> None:
     broker = rig.broker()
     (claim,) = broker.claim(1)
     broker.finish([_finish("r1", claim.entry_id)])
-    assert rig.client.xlen(rig.keys.chunks("r1")) == 3
+    broker.finish([_finish("r1", claim.entry_id)])  # finished before: no second final entry
+    entries = [fields for _, fields in rig.client.xrange(rig.keys.chunks("r1"))]
+    assert [fields[b"k"] for fields in entries] == [b"start", b"chunk", b"end", b"final"]
+    assert entries[-1][b"d"] == b"completed"
     assert 0 < rig.client.ttl(rig.keys.chunks("r1")) <= rig.settings.chunk_ttl
+
+
+def test_a_finish_of_a_request_whose_chunk_key_is_not_a_stream_writes_no_final_entry(rig: Rig) -> None:
+    rig.client.set(rig.keys.chunks("r1"), b"not a stream")
+    rig.client.xadd(rig.keys.requests(0), {"rid": "r1", "ts": "1"})
+    broker = rig.broker()
+    (claim,) = broker.claim(1)
+    assert broker.finish([_finish("r1", claim.entry_id, status="failed")]) == [Finished(True)]
+    assert rig.client.get(rig.keys.chunks("r1")) == b"not a stream"
 
 
 def test_finish_writes_the_dead_letter_with_its_reason(rig: Rig) -> None:
