@@ -36,6 +36,8 @@ _CONNECTION = ("redis_url", "namespace", "shards", "socket_timeout")
 _READING = (*_CONNECTION, "block_ms", "read_count")
 _ENQUEUING = (*_CONNECTION, "queue", "job_timeout")
 _PUBLISHING = (*_CONNECTION, "stream_max_age")
+_GATEWAY = (*_ENQUEUING, "block_ms", "read_count", "gateway_host", "gateway_port", "gateway_keys", "gateway_link_ttl",
+            "result_ttl", "shutdown_grace", "metrics_port", "log_format")
 _WORKING = (*_ENQUEUING, "upstream_connect_timeout", "upstream_read_timeout", "upstream_retries",
             "upstream_backoff", "upstream_backoff_max", "cancel_ttl", "stream_max_age")
 
@@ -135,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                       help="log level (default: INFO)")
 
+    gateway = _command(commands, "serve", _serve, _GATEWAY, "run the HTTP gateway (OpenAI-compatible, live streams)",
+                       "Serve POST /v1/chat/completions (enqueued through rq; streamed back as chat.completion.chunks "
+                       "relayed from the request's chunk stream, or answered with the assembled chat.completion), "
+                       "GET /v1/requests/{id}/stream (resumes after Last-Event-ID), GET and DELETE /v1/requests/{id}, "
+                       "and a live page at /requests/{id}. Clients authenticate with STREAMFOLD_GATEWAY_KEYS; without "
+                       "keys the gateway serves loopback only. SIGTERM drains for STREAMFOLD_SHUTDOWN_GRACE seconds.")
+    gateway.add_argument("--host", metavar="HOST", help="address to listen on (default: STREAMFOLD_GATEWAY_HOST)")
+    gateway.add_argument("--port", type=int, metavar="PORT", help="port to listen on (default: STREAMFOLD_GATEWAY_PORT)")
+    gateway.add_argument("--metrics-port", type=int, metavar="PORT",
+                         help="serve Prometheus metrics on this port (default: STREAMFOLD_METRICS_PORT; off when unset)")
+    gateway.add_argument("--log-format", choices=["text", "json"], help="default: STREAMFOLD_LOG_FORMAT")
+
     commands.add_parser("mock-upstream", add_help=False,
                         help="serve an OpenAI-compatible mock upstream (see: mock-upstream --help)")
     return parser
@@ -161,7 +175,8 @@ def _settings_epilog(names: Sequence[str]) -> str:
     lines = ["settings (environment):"]
     for name in names:
         field = fields[name]
-        lines.append(f"  STREAMFOLD_{name.upper():<16} {field.description} (default: {field.default})")
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  STREAMFOLD_{name.upper():<16} {field.description} (default: {default if default != {} else 'none'})")
     return "\n".join(lines)
 
 
@@ -250,6 +265,11 @@ def _work(args: argparse.Namespace, settings: Settings) -> int:
     from producer.work import run_worker
     run_worker(settings, burst=args.burst, name=args.name, log_level=args.log_level)
     return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.gateway import serve
+    return serve(host=args.host, port=args.port, metrics_port=args.metrics_port, log_format=args.log_format)
 
 
 def _mock_upstream(argv: Sequence[str]) -> int:

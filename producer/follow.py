@@ -62,6 +62,15 @@ class FollowSession:
                     return events
         return events
 
+    @property
+    def closed(self) -> bool:
+        """The stream's final entry was read: the record is there to be fetched."""
+        return self._fold.closed
+
+    def head(self) -> dict[str, Any]:
+        """The completion's id, created and model as the upstream named them so far."""
+        return self._fold.head()
+
     def needs_record(self, reply: Any) -> bool:
         """Whether the result record is needed now: the stream's final entry was read, or there is no stream
         (not started yet, or its chunks expired)."""
@@ -144,7 +153,7 @@ def record_events(record: dict[str, Any]) -> list[LiveEvent]:
     for choice in record.get("completion", {}).get("choices") or []:
         index, message = choice.get("index", 0), choice.get("message") or {}
         for name in ("reasoning_content", "reasoning", "content", "refusal"):
-            if message.get(name):
+            if isinstance(message.get(name), str):
                 events.append(TextDelta(token(), index, name, message[name]))
         for position, call in enumerate(message.get("tool_calls") or []):
             function = call.get("function") or {}

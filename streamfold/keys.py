@@ -6,6 +6,9 @@ Layout, for a namespace ``ns`` and a shard tag ``{sNN}``::
     ns:in:{sNN}:chunks:<rid>      one request's envelopes, in order (start, chunks, end or error)
     ns:in:{sNN}:cancel:<rid>      set by a backend to cancel a request
     ns:in:{sNN}:owner:<rid>       the token of the producer that started <rid>; another producer is refused
+    ns:in:{sNN}:wake:<reader>     appended to when a gateway process starts following a stream of the shard,
+                                  so that its one blocking read of the shard's streams returns to include it
+    ns:in:idem:<tenant>:<key>     a gateway Idempotency-Key: the request id it started and its body's hash
     ns:out:{sNN}:results          result records, in finish order
     ns:out:{sNN}:result:<rid>     one result record, for lookup, with a TTL
     ns:out:{sNN}:done:<rid>       finish marker: the first finisher wins, later ones are no-ops
@@ -64,6 +67,12 @@ class Keys:
 
     def owner(self, request_id: str) -> str:
         return f"{self.namespace}:in:{self.tag(self.shard(request_id))}:owner:{request_id}"
+
+    def wake(self, shard: int, reader: str) -> str:
+        return f"{self.namespace}:in:{self.tag(shard)}:wake:{reader}"
+
+    def idempotency(self, tenant: str, key: str) -> str:
+        return f"{self.namespace}:in:idem:{tenant}:{key}"
 
     # --- worker output (ns:out:*) --------------------------------------------------------------------
     def results(self, shard: int) -> str:

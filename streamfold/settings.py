@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         "deepest nesting of objects and lists a chunk, start or error payload may have"))
 
     metrics_port: int | None = Field(None, ge=0, le=65_535, description=(
-        "port a worker serves Prometheus metrics on (off when unset)"))
+        "port a worker or gateway serves Prometheus metrics on (off when unset)"))
     log_format: LogFormat = Field("text", description="text: a readable line per event; json: one object per line")
 
     upstreams: Annotated[dict[str, Upstream], NoDecode] = Field(
@@ -98,10 +98,22 @@ class Settings(BaseSettings):
     upstream_backoff_max: float = Field(30.0, ge=0, description="longest retry delay; a longer Retry-After fails")
     cancel_ttl: int = Field(3_600, ge=1, description="seconds a cancel request is kept")
 
+    gateway_host: str = Field("127.0.0.1", min_length=1, description="address the HTTP gateway listens on")
+    gateway_port: int = Field(8410, ge=0, le=65_535, description="port the HTTP gateway listens on")
+    gateway_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description=("JSON object: client name (its tenant) -> bearer key of the gateway; "
+                                           "none: loopback only, without authentication"))
+    gateway_link_ttl: int = Field(3_600, ge=1, description="seconds a watch link to a request's live page is valid")
+
     @field_validator("upstreams", mode="before")
     @classmethod
     def _read_upstreams(cls, value: Any) -> dict[str, Upstream]:
         return read_upstreams(value)
+
+    @field_validator("gateway_keys", mode="before")
+    @classmethod
+    def _read_gateway_keys(cls, value: Any) -> dict[str, str]:
+        return read_gateway_keys(value)
 
     @model_validator(mode="after")
     def _timeouts_fit_together(self) -> Settings:
@@ -144,6 +156,22 @@ def read_upstreams(value: Any) -> dict[str, Upstream]:
         raise ConfigError(f"STREAMFOLD_UPSTREAMS must name a {DEFAULT_UPSTREAM!r} upstream "
                           f"(it has: {', '.join(sorted(map(str, value)))})")
     return {str(name): _upstream(str(name), entry) for name, entry in value.items()}
+
+
+def read_gateway_keys(value: Any) -> dict[str, str]:
+    """The gateway's clients from ``STREAMFOLD_GATEWAY_KEYS`` JSON: name -> key. ConfigError, never echoing a
+    key, when it is not an object of non-empty strings or two names share a key."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = orjson.loads(value) if value.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"STREAMFOLD_GATEWAY_KEYS is not valid JSON ({exc})") from None
+    if not isinstance(value, dict) or not all(isinstance(name, str) and name and isinstance(key, str) and key
+                                              for name, key in value.items()):
+        raise ConfigError("STREAMFOLD_GATEWAY_KEYS must be a JSON object mapping client names to non-empty keys")
+    if len(set(value.values())) < len(value):
+        raise ConfigError("STREAMFOLD_GATEWAY_KEYS: two clients share a key; each needs its own")
+    return dict(value)
 
 
 def _upstream(name: str, entry: Any) -> Upstream:

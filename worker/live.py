@@ -139,13 +139,15 @@ def event_json(event: LiveEvent) -> dict[str, Any]:
 
 
 class _TextView:
-    """What was shown of one text field: parts shown (incremental reading), or the text shown (cumulative)."""
+    """What was shown of one text field: parts shown (incremental reading), or the text shown (cumulative),
+    and whether the field was shown at all (a field sent empty is an empty string, not a missing one)."""
 
-    __slots__ = ("parts", "text")
+    __slots__ = ("parts", "text", "seen")
 
     def __init__(self) -> None:
         self.parts = 0
         self.text = ""
+        self.seen = False
 
 
 class _CallView:
@@ -199,6 +201,13 @@ class LiveFold:
             self._flushed = state.ended
         return self._events
 
+    def head(self) -> dict[str, Any]:
+        """The completion's ``id``, ``created`` and ``model`` as the upstream named them so far."""
+        assembler = self._state.assembler
+        completion = {} if assembler is None else head_of(assembler)
+        return {"id": completion.get("id") or "", "created": completion.get("created") or 0,
+                "model": completion.get("model") or ""}
+
     def final(self, record: dict[str, Any]) -> Final:
         """The last event, once ``closed``: the published result record."""
         return Final(f"{self._entry}.{len(self._events)}", record)
@@ -228,6 +237,10 @@ class LiveFold:
                    ended: bool) -> bool:
         """Emit what is new in one text field; True while some of it is held back."""
         parts = field.parts
+        if field.seen and not view.seen:
+            view.seen = True
+            if not parts:
+                self._emit(TextDelta, choice=choice, field=name, text="")
         if mode == "cumulative":
             value = field.last
             if value != view.text:
@@ -321,6 +334,10 @@ def parsed_arguments(arguments: str) -> Any:
 
 def choices_of(assembler: Assembler) -> dict[int, ChoiceState]:
     return assembler._choices  # noqa: SLF001
+
+
+def head_of(assembler: Assembler) -> dict[str, Any]:
+    return {"id": assembler._id, "created": assembler._created, "model": assembler._model}  # noqa: SLF001
 
 
 def usage_of(assembler: Assembler) -> dict[str, Any] | None:

@@ -23,7 +23,8 @@ from streamfold.contract import encode_control, encode_start
 from streamfold.errors import ConfigError
 from streamfold.settings import load_settings
 from worker import assemble, health
-from worker_processes import CuttableProxy, WorkerProcess, spawn  # noqa: F401  (a fixture)
+from tests.proxy import CuttableProxy
+from worker_processes import WorkerProcess, spawn  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.redis
 

@@ -14,7 +14,8 @@ import pytest
 import redis
 
 from pipeline_rig import Rig, mixed_corpus, recorded, wait_until
-from worker_processes import CuttableProxy, spawn  # noqa: F401  (a fixture)
+from tests.proxy import CuttableProxy
+from worker_processes import spawn  # noqa: F401  (a fixture)
 from worker import assemble
 
 pytestmark = pytest.mark.redis
