@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--metrics-port", type=int, metavar="PORT",
                          help="serve Prometheus metrics on this port (default: STREAMFOLD_METRICS_PORT; off when unset)")
     gateway.add_argument("--log-format", choices=["text", "json"], help="default: STREAMFOLD_LOG_FORMAT")
+    gateway.add_argument("--probe", action="store_true",
+                         help="do not serve: ask the gateway at --host/--port for /healthz and exit 0 when it is "
+                              "healthy, 1 when not (for container probes)")
 
     commands.add_parser("mock-upstream", add_help=False,
                         help="serve an OpenAI-compatible mock upstream (see: mock-upstream --help)")
@@ -268,7 +271,11 @@ def _work(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.gateway import serve
+    from producer.gateway import probe, serve
+    if args.probe:
+        healthy, reason = probe(args.host or settings.gateway_host, args.port or settings.gateway_port)
+        print(f"{'healthy' if healthy else 'unhealthy'}: {reason}", file=sys.stdout if healthy else sys.stderr)
+        return 0 if healthy else 1
     return serve(host=args.host, port=args.port, metrics_port=args.metrics_port, log_format=args.log_format)
 
 

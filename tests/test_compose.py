@@ -99,8 +99,8 @@ def test_every_project_command_parses_with_the_projects_own_parser(
 
 def test_the_stream_worker_job_runner_and_mock_upstream_all_run_from_the_project_image() -> None:
     roles = {name: " ".join(argv(service["command"])[:4]) for name, service in PROJECT.items()}
-    assert sorted(roles.values()) == ["python -m producer mock-upstream", "python -m producer work",
-                                      "python -m worker run"]
+    assert sorted(roles.values()) == ["python -m producer mock-upstream", "python -m producer serve",
+                                      "python -m producer work", "python -m worker run"]
     assert "healthcheck" in SERVICES["worker"]
 
 

@@ -15,7 +15,7 @@ from streamfold.errors import ConfigError
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import load_settings
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "probe", "serve"]
 
 
 def serve(*, host: str | None = None, port: int | None = None, metrics_port: int | None = None,
@@ -54,3 +54,18 @@ def serve(*, host: str | None = None, port: int | None = None, metrics_port: int
     finally:
         metrics.close()
     return 0
+
+
+def probe(host: str, port: int, timeout: float = 3.0) -> tuple[bool, str]:
+    """(healthy, why): what a running gateway's ``/healthz`` says. ``0.0.0.0`` asks the loopback address."""
+    import httpx
+
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    try:
+        answer = httpx.get(f"http://{address}:{port}/healthz", timeout=timeout)
+    except httpx.HTTPError as exc:
+        return False, f"no answer from {address}:{port}: {type(exc).__name__}"
+    body = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else {}
+    if answer.status_code == 200:
+        return True, f"following {body.get('followers', 0)} streams"
+    return False, str(body.get("reason") or f"HTTP {answer.status_code}")

@@ -216,3 +216,11 @@ def _wait_record(http: httpx.Client, request_id: str) -> dict[str, Any]:
             return dict(answer.json())
         assert time.monotonic() < deadline, f"no result for {request_id}"
         time.sleep(0.05)
+
+
+def test_the_probe_says_whether_a_gateway_answers_healthy(stack: GatewayStack) -> None:
+    from producer.gateway import probe
+    port = int(stack.open.url.rsplit(":", 1)[1])
+    assert probe("0.0.0.0", port) == (True, "following 0 streams")
+    healthy, reason = probe("127.0.0.1", 1, timeout=1)
+    assert not healthy and reason.startswith("no answer from 127.0.0.1:1")
