@@ -25,7 +25,9 @@ def connect(settings: Settings) -> redis.Redis:
 
     The socket timeout stays above every blocking read (``Settings`` checks it): redis-py turns a read that
     outlives its socket timeout into a TimeoutError instead of an empty answer. A URL redis-py cannot read
-    is a ConfigError.
+    is a ConfigError. ``rediss://`` speaks TLS, verifying the server's certificate and host name against
+    ``redis_tls_ca`` (or the system's CAs) and presenting ``redis_tls_cert`` when set; ``redis_username``
+    and ``redis_password`` replace the URL's.
     """
     try:
         return redis.Redis.from_url(settings.redis_url, **_client_options(settings))
@@ -42,8 +44,32 @@ def connect_async(settings: Settings) -> redis.asyncio.Redis:
 
 
 def _client_options(settings: Settings) -> dict[str, Any]:
-    return {"socket_timeout": settings.socket_timeout, "socket_connect_timeout": min(settings.socket_timeout, 5.0),
-            "health_check_interval": 30, "decode_responses": False}
+    options: dict[str, Any] = {"socket_timeout": settings.socket_timeout,
+                               "socket_connect_timeout": min(settings.socket_timeout, 5.0),
+                               "health_check_interval": 30, "decode_responses": False}
+    if settings.redis_username is not None:
+        options["username"] = settings.redis_username
+    if settings.redis_password is not None:
+        options["password"] = settings.redis_password.get_secret_value()
+    if settings.redis_url.startswith("rediss://"):
+        options.update(ssl_cert_reqs="required", ssl_check_hostname=True,
+                       ssl_ca_certs=_path(settings.redis_tls_ca), ssl_certfile=_path(settings.redis_tls_cert),
+                       ssl_keyfile=_path(settings.redis_tls_key))
+    return options
+
+
+def _path(path: Any) -> str | None:
+    return None if path is None else str(path)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password, if it has one, replaced: what may be shown in a log or an error."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:[redacted]@{host}"
 
 
 def cannot_serve(exc: BaseException) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from streamfold.contract import Mode
@@ -48,7 +49,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="STREAMFOLD_", extra="ignore")
 
-    redis_url: str = Field("redis://localhost:6379/0", description="Redis to use")
+    redis_url: str = Field("redis://localhost:6379/0", description=(
+        "Redis to use: redis://[user:password@]host:port/db, or rediss:// for TLS"))
+    redis_username: str | None = Field(None, min_length=1, description="ACL user for Redis (instead of the URL's)")
+    redis_password: SecretStr | None = Field(None, description="password for Redis (instead of the URL's); never printed")
+    redis_tls_ca: FilePath | None = Field(None, description=(
+        "CA certificates (PEM) that sign the Redis server's; default: the system's (rediss:// only)"))
+    redis_tls_cert: FilePath | None = Field(None, description="client certificate (PEM) for TLS client authentication")
+    redis_tls_key: FilePath | None = Field(None, description="the client certificate's private key (PEM)")
     namespace: str = Field("streamfold", min_length=1, description="prefix of every key; namespaces never meet")
     shards: int = Field(1, ge=1, le=256, description="shard tags requests are spread over (Redis Cluster)")
     group: str = Field("workers", min_length=1, description="consumer group of the worker pool")
@@ -124,6 +132,15 @@ class Settings(BaseSettings):
         # stalled: a request can only stall after a silence longer than the longest wait on Redis.
         if self.stall_timeout <= self.socket_timeout:
             raise ValueError("stall_timeout must be longer than socket_timeout (seconds)")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_goes_with_rediss(self) -> Settings:
+        tls = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
+        if any(tls) and not self.redis_url.startswith("rediss://"):
+            raise ValueError("redis_tls_* settings need a rediss:// redis_url")
+        if (self.redis_tls_cert is None) != (self.redis_tls_key is None):
+            raise ValueError("redis_tls_cert and redis_tls_key go together")
         return self
 
     @property

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import orjson
 
+from streamfold.acl import ROLES, setuser
 from streamfold.capture import read_capture
 from streamfold.connection import connect
 from streamfold.contract import MODES
-from streamfold.errors import RedisUnavailable, StreamfoldError
+from streamfold.errors import ConfigError, RedisUnavailable, StreamfoldError
 from streamfold.logs import LOG_FORMATS
 from streamfold.settings import load_settings
 from worker import health, runner, stats
@@ -32,6 +35,21 @@ the live workers' stats records, and D is --drain. slots is how many requests mu
 enough to keep up with arrivals (Little's law) and never fewer than are held now, plus what starts the
 backlog within D. Before any request has finished W is unknown and the live worker count stands (at
 least 1 while work waits). Exits 1 when Redis cannot be reached, 2 on bad settings.
+"""
+
+ACL_HELP = """\
+Print the ACL SETUSER line that gives a Redis user exactly what one role needs, for the namespace of
+STREAMFOLD_NAMESPACE, on one line that redis-cli reads from stdin:
+
+    python -m worker acl --role worker --password-env WORKER_PASSWORD | redis-cli
+
+    producer    writes requests (ns:in:*) and takes and reports rq jobs (rq:*); cannot read results or usage
+    worker      reads and acknowledges ns:in:*, writes ns:out:* and ns:usage:*, publishes result notices
+    backend     enqueues, cancels, follows and reads requests (ns:in:*, rq:*; ns:out:* read only), the gateway
+    analytics   reads usage events (ns:usage:*) through consumer groups; nothing else
+
+Then connect each process as its user: redis://USER:PASSWORD@host:6379/0, or STREAMFOLD_REDIS_USERNAME and
+STREAMFOLD_REDIS_PASSWORD. Needs Redis 7 (read-only key patterns and selectors).
 """
 
 MODES_HELP = ("auto: incremental unless the stream is unmistakably cumulative; incremental: each chunk "
@@ -98,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
                        help="Redis connect and socket timeout (default: 2)")
     probe.set_defaults(handler=run_health)
+
+    acl = commands.add_parser(
+        "acl", help="print the ACL SETUSER line of a role (producer, worker, backend, analytics)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=ACL_HELP)
+    acl.add_argument("--role", required=True, choices=ROLES, help="what the user does (see above)")
+    acl.add_argument("--user", metavar="NAME", help="the ACL user (default: <namespace>-<role>)")
+    acl.add_argument("--password-env", metavar="VAR",
+                     help="switch the user on with the password in environment variable VAR, given to Redis as its "
+                          "SHA-256 (default: the user stays off until it gets a password)")
+    acl.set_defaults(handler=run_acl)
     return parser
 
 
@@ -157,6 +185,24 @@ def run_health(args: argparse.Namespace) -> int:
         client.close()
     print(f"{'healthy' if healthy else 'unhealthy'}: {reason}", file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1
+
+
+def run_acl(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+        password = None
+        if args.password_env is not None:
+            password = os.environ.get(args.password_env)
+            if not password:
+                raise ConfigError(f"environment variable {args.password_env} is not set")
+    except StreamfoldError as exc:
+        print(f"worker acl: {exc}", file=sys.stderr)
+        return 2
+    line = setuser(args.role, settings.keys, user=args.user, password=password)
+    print(shlex.join(["ACL", "SETUSER", *line]))
+    if password is None:
+        print("worker acl: the user stays off until it has a password: add --password-env VAR", file=sys.stderr)
+    return 0
 
 
 def run_assemble(args: argparse.Namespace) -> int:

@@ -1,0 +1,140 @@
+"""Transport security on a real redis-server that speaks only TLS and wants client certificates: the pipeline
+runs over rediss:// with a CA, a client certificate and AUTH (from the URL or from settings), and refuses to
+run without them. Certificates are made here with openssl."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import Publisher, afollow, wait_for_result
+from streamfold.connection import connect, redacted_url
+from streamfold.errors import ConfigError, RedisUnavailable
+from streamfold.settings import Settings, load_settings
+from tests.conftest import RECORDED, load_jsonl
+from worker.broker import Broker
+from worker.live import Final
+from worker.runner import Worker
+
+pytestmark = pytest.mark.redis
+
+PASSWORD = "tls-test-password"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _certificates(directory: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by the CA."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+             "-subj", "/CN=streamfold-test-ca", cwd=directory)
+    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=directory)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.crt", "-days", "1", *extra, cwd=directory)
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """(port, certificate directory) of a redis-server that accepts TLS with a client certificate only."""
+    if not shutil.which("redis-server") or not shutil.which("openssl"):
+        if os.environ.get("STREAMFOLD_REQUIRE_REDIS") or os.environ.get("CI"):
+            pytest.fail("redis-server and openssl are needed for the TLS tests")
+        pytest.skip("redis-server or openssl is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    _certificates(directory)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "yes", "--user", "default", "off",
+         "--user", "streamfold", "on", f">{PASSWORD}", "~*", "&*", "+@all"],
+        cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the TLS redis-server did not start"
+            time.sleep(0.05)
+    yield port, directory
+    server.terminate()
+    server.wait(10)
+
+
+def _settings(port: int, certs: Path, **changes: object) -> Settings:
+    values: dict[str, object] = dict(
+        redis_url=f"rediss://streamfold:{PASSWORD}@127.0.0.1:{port}/0", redis_tls_ca=certs / "ca.crt",
+        redis_tls_cert=certs / "client.crt", redis_tls_key=certs / "client.key", block_ms=50, socket_timeout=2,
+        stall_timeout=5, claim_timeout=5)
+    return Settings(**{**values, **changes})  # type: ignore[arg-type]
+
+
+def test_the_pipeline_runs_over_tls_with_a_client_certificate_and_auth(tls_redis: tuple[int, Path]) -> None:
+    port, certs = tls_redis
+    for settings in (_settings(port, certs),
+                     _settings(port, certs, redis_url=f"rediss://127.0.0.1:{port}/0", redis_username="streamfold",
+                               redis_password=PASSWORD)):
+        client = connect(settings)
+        request_id = f"tls-{settings.redis_username or 'url'}"
+        publisher = Publisher(client, settings.keys, batch_size=100)
+        publisher.start(request_id)
+        for chunk in load_jsonl(RECORDED / "openai_refusal.jsonl"):
+            publisher.push(request_id, chunk)
+        publisher.end(request_id)
+        assert Worker(Broker.from_settings(client, settings, "w1"), settings, burst=True).run() == 0
+        assert wait_for_result(request_id, 5, client=client, settings=settings)["status"] == "completed"
+
+        async def last_event() -> object:
+            return [event async for event in afollow(request_id, settings=settings)][-1]
+
+        assert isinstance(asyncio.run(last_event()), Final)  # the asyncio client speaks TLS too
+        client.close()
+
+
+@pytest.mark.parametrize("change", [
+    {"redis_tls_cert": None, "redis_tls_key": None},  # no client certificate
+    {"redis_tls_ca": None},  # the system's CAs do not know the test CA
+])
+def test_without_the_right_certificates_redis_is_unavailable(tls_redis: tuple[int, Path],
+                                                            change: dict[str, object]) -> None:
+    port, certs = tls_redis
+    client = connect(_settings(port, certs, **change))
+    with pytest.raises((redis.ConnectionError, RedisUnavailable)):
+        client.ping()
+    client.close()
+
+
+def test_tls_settings_need_rediss_and_a_key_with_the_certificate(tls_redis: tuple[int, Path]) -> None:
+    port, certs = tls_redis
+    with pytest.raises(ValueError, match="rediss://"):
+        _settings(port, certs, redis_url=f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(ValueError, match="go together"):
+        _settings(port, certs, redis_tls_key=None)
+
+
+def test_passwords_are_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert redacted_url("rediss://alice:s3cret@redis:6380/0") == "rediss://alice:[redacted]@redis:6380/0"
+    assert redacted_url("redis://redis:6379/0") == "redis://redis:6379/0"
+    monkeypatch.setenv("STREAMFOLD_REDIS_PASSWORD", "s3cret")
+    monkeypatch.setenv("STREAMFOLD_REDIS_TLS_CA", "/no/such/ca.pem")
+    with pytest.raises(ConfigError) as failure:
+        load_settings()
+    assert "s3cret" not in str(failure.value) and "STREAMFOLD_REDIS_TLS_CA" in str(failure.value)
+    monkeypatch.delenv("STREAMFOLD_REDIS_TLS_CA")
+    assert "s3cret" not in repr(load_settings())
