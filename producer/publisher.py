@@ -22,7 +22,7 @@ from redis.typing import EncodableT, FieldT
 
 from streamfold import contract
 from streamfold.connection import redis_errors
-from streamfold.contract import Mode
+from streamfold.contract import Format, Mode
 from streamfold.errors import ContractError
 from streamfold.keys import Keys
 from streamfold.settings import STREAM_MAX_AGE
@@ -132,13 +132,18 @@ class Publisher:
         """Entries waiting to be sent."""
         return self._buffered
 
-    def start(self, request_id: str, meta: Mapping[str, Any] | None = None, mode: Mode = "auto") -> None:
-        """Open a request: its start envelope and its control entry, in one MULTI/EXEC."""
+    def start(self, request_id: str, meta: Mapping[str, Any] | None = None, mode: Mode = "auto",
+              format: Format | None = None) -> None:
+        """Open a request: its start envelope and its control entry, in one MULTI/EXEC.
+
+        ``format`` names the chunks' dialect (``chat``, ``anthropic``, ``responses``, ``gemini``); None lets
+        the worker recognise it from the first chunk.
+        """
         validate_request_id(request_id)
         if meta is not None and not isinstance(meta, Mapping):
             raise ContractError(f"request meta must be a mapping, got {type(meta).__name__}")
         try:
-            start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms())
+            start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms(), format=format)
         except TypeError as exc:
             raise ContractError(f"request meta is not JSON-serialisable: {exc}") from exc
         chunks, shard = self._keys.chunks(request_id), self._keys.shard(request_id)
