@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from streamfold.contract import Format
+from worker.dialects.anthropic import AnthropicDialect
 from worker.dialects.base import Dialect
 from worker.dialects.chat import ChatDialect
 
 # Tried in this order on a stream's first event; chat, which claims everything, comes last.
 DIALECTS: dict[str, type[Dialect]] = {
+    "anthropic": AnthropicDialect,
     "chat": ChatDialect,
 }
 
