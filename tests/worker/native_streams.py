@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from worker import Assembler
+from worker import Assembler, assemble
 
 NATIVE = Path(__file__).resolve().parents[2] / "fixtures" / "native"
 
@@ -23,6 +23,28 @@ def native_events(dialect: str, name: str) -> list[dict[str, Any]]:
 
 def fixture_names(dialect: str) -> list[str]:
     return sorted(path.name for path in (NATIVE / dialect).glob("*.jsonl"))
+
+
+def assert_fed_alike(dialect: str, name: str) -> None:
+    """A recorded stream gives one record whether recognised, fed one by one, or its format forced."""
+    lines = native_lines(dialect, name)
+    assembler = Assembler()
+    for line in lines:
+        assembler.feed(line)
+    assert assembler.result() == assemble(lines) == assemble(lines, format=dialect)  # type: ignore[arg-type]
+    assert assembler.format == dialect
+
+
+def clean_record(dialect: str, name: str) -> dict[str, Any]:
+    """The record of a recorded stream, with what every clean recorded stream must give checked."""
+    lines = native_lines(dialect, name)
+    record = assemble(lines)
+    assert record["format"] == dialect
+    assert record["status"] == "completed"
+    assert record["error"] is None
+    assert record["warnings"] == []
+    assert record["metrics"]["chunks"] == len(lines)
+    return dict(record)
 
 
 def snapshot(assembler: Assembler) -> bytes:
@@ -67,3 +89,58 @@ def message_end(stop_reason: str = "end_turn", usage: dict[str, Any] | None = No
     return [{"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
              "usage": usage if usage is not None else {"output_tokens": 20}},
             {"type": "message_stop"}]
+
+
+# --- OpenAI Responses events ------------------------------------------------------------------------------
+
+def response_event(kind: str, status: str = "in_progress", output: list[Any] | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    response = {"id": "resp_test", "object": "response", "created_at": 1700000000, "status": status,
+                "model": "gpt-test", "output": [] if output is None else output, "usage": None, **extra}
+    return {"type": kind, "response": response}
+
+
+def message_item(item_id: str, text: str | None = None) -> dict[str, Any]:
+    """A message output item: as added (text None) or as done, with one output_text part."""
+    if text is None:
+        return {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    return {"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def message_events(output_index: int, item_id: str, pieces: list[str]) -> list[dict[str, Any]]:
+    """A message item streamed whole: added, one output_text part, its deltas, and every done event."""
+    text = "".join(pieces)
+    where = {"item_id": item_id, "output_index": output_index, "content_index": 0}
+    return [{"type": "response.output_item.added", "output_index": output_index, "item": message_item(item_id)},
+            {"type": "response.content_part.added", **where,
+             "part": {"type": "output_text", "text": "", "annotations": []}},
+            *({"type": "response.output_text.delta", **where, "delta": piece} for piece in pieces),
+            {"type": "response.output_text.done", **where, "text": text},
+            {"type": "response.content_part.done", **where,
+             "part": {"type": "output_text", "text": text, "annotations": []}},
+            {"type": "response.output_item.done", "output_index": output_index,
+             "item": message_item(item_id, text)}]
+
+
+def call_item(item_id: str, call_id: str, name: str, arguments: str = "",
+              status: str = "in_progress") -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "call_id": call_id, "name": name,
+            "arguments": arguments}
+
+
+def call_events(output_index: int, item_id: str, call_id: str, name: str,
+                fragments: list[str]) -> list[dict[str, Any]]:
+    arguments = "".join(fragments)
+    where = {"item_id": item_id, "output_index": output_index}
+    return [{"type": "response.output_item.added", "output_index": output_index,
+             "item": call_item(item_id, call_id, name)},
+            *({"type": "response.function_call_arguments.delta", **where, "delta": part} for part in fragments),
+            {"type": "response.function_call_arguments.done", **where, "arguments": arguments},
+            {"type": "response.output_item.done", "output_index": output_index,
+             "item": call_item(item_id, call_id, name, arguments, "completed")}]
+
+
+def responses_usage(prompt: int = 10, completion: int = 5) -> dict[str, Any]:
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}

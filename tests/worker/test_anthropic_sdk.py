@@ -130,7 +130,10 @@ def anthropic_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
         start_usage.update(cache_read_input_tokens=draw(counts), cache_creation_input_tokens=draw(counts))
     events = [message_start(start_usage)]
     drawn = [draw(blocks(index)) for index in range(draw(st.integers(0, 5)))]
-    if len(drawn) >= 2 and draw(st.booleans()):  # two blocks streaming at once, their deltas alternating
+    # Two tool blocks streaming at once, their deltas alternating. (The API streams one block at a time; text
+    # blocks interleaved so would join in the order their pieces came, the only order a text can grow in.)
+    if len(drawn) >= 2 and all("input" in start[0]["content_block"] for start, _, _ in drawn[-2:]) \
+            and draw(st.booleans()):
         (start_a, deltas_a, stop_a), (start_b, deltas_b, stop_b) = drawn[-2:]
         mixed = [delta for pair in zip(deltas_a, deltas_b) for delta in pair]
         longer = deltas_a if len(deltas_a) > len(deltas_b) else deltas_b

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from native_streams import (block_delta, block_start, block_stop, fixture_names, message_end, message_start,
-                            native_events, native_lines, snapshot, text_block, tool_block)
+from native_streams import (assert_fed_alike, block_delta, block_start, block_stop, clean_record, fixture_names,
+                            message_end, message_start, native_events, snapshot, text_block, tool_block)
 from streamfold.errors import ChunkError
 from worker import Assembler, assemble
 
@@ -18,13 +18,7 @@ FIXTURES = {"anthropic_parallel_tool_use.jsonl", "anthropic_redacted_thinking.js
 
 
 def _record(name: str) -> dict[str, Any]:
-    record = assemble(native_lines("anthropic", name))
-    assert record["format"] == "anthropic"
-    assert record["status"] == "completed"
-    assert record["error"] is None
-    assert record["warnings"] == []
-    assert record["metrics"]["chunks"] == len(native_lines("anthropic", name))
-    return dict(record)
+    return clean_record("anthropic", name)
 
 
 def _joined(name: str, kind: str, key: str) -> str:
@@ -42,17 +36,13 @@ def test_every_recorded_anthropic_stream_has_a_test_here() -> None:
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_a_recorded_stream_is_recognised_fed_one_by_one_or_forced_alike(name: str) -> None:
-    lines = native_lines("anthropic", name)
-    assembler = Assembler()
-    for line in lines:
-        assembler.feed(line)
-    assert assembler.result() == assemble(lines) == assemble(lines, format="anthropic")
-    assert assembler.format == "anthropic"
+    assert_fed_alike("anthropic", name)
 
 
 def test_text_basic_is_one_text_block_with_running_total_usage() -> None:
     record = _record("anthropic_text_basic.jsonl")
-    text = "Hello! I'm doing well, thank you for asking. How are you doing today? Is there anything I can help you with?"
+    text = ("Hello! I'm doing well, thank you for asking. How are you doing today? "
+            "Is there anything I can help you with?")
     assert record["completion"] == {
         "id": "msg_01QC4g3HwBThD4BaNtBckFDJ", "object": "chat.completion", "created": 0,
         "model": "claude-sonnet-4-5-20250929",
@@ -121,7 +111,8 @@ def test_redacted_thinking_stays_in_native_and_usage_is_the_final_total() -> Non
     starts = [event["content_block"] for event in native_events("anthropic", name)
               if event["type"] == "content_block_start"]
     assert record["native"]["content"][:2] == starts[:2]
-    assert [block["type"] for block in record["native"]["content"]] == ["redacted_thinking", "redacted_thinking", "text"]
+    kinds = [block["type"] for block in record["native"]["content"]]
+    assert kinds == ["redacted_thinking", "redacted_thinking", "text"]
     assert record["completion"]["usage"]["completion_tokens"] == 189  # 88 at the start already counted in
 
 
