@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.choice import ChoiceState, CompletionState, TextField, ToolCallBuffer
+from worker.choice import ChoiceState, CompletionState, TextField
 from worker.dialects.base import Dialect, count, expect, optional, reject
+from worker.dialects.responses_output import Item, Part, part_texts
 
 INCOMPLETE_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
 _LIFECYCLE = frozenset({"response.created", "response.in_progress", "response.queued"})
@@ -40,60 +41,6 @@ _PART_EVENTS = {"response.content_part.added": "content_index", "response.conten
                 "response.reasoning_summary_part.done": "summary_index"}
 
 
-class _Part:
-    """A message's content part, or a reasoning item's summary or content part."""
-
-    __slots__ = ("data", "parts", "annotations", "logprobs", "done")
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-        self.parts: list[str] = []
-        self.annotations: list[Any] = []
-        self.logprobs: list[Any] = []
-        self.done: dict[str, Any] | None = None
-
-    def render(self) -> dict[str, Any]:
-        if self.done is not None:
-            return self.done
-        data = dict(self.data)
-        data["refusal" if data.get("type") == "refusal" else "text"] = "".join(self.parts)
-        if self.annotations:
-            data["annotations"] = [*(data.get("annotations") or ()), *self.annotations]
-        if self.logprobs:
-            data["logprobs"] = [*(data.get("logprobs") or ()), *self.logprobs]
-        return data
-
-
-class _Item:
-    """One output item: as added, its parts or arguments so far, and as done."""
-
-    __slots__ = ("data", "kind", "content", "summary", "arguments", "call", "done")
-
-    def __init__(self, data: dict[str, Any], call: ToolCallBuffer | None) -> None:
-        self.data = data
-        self.kind: str = data["type"]
-        self.content: dict[int, _Part] = {}
-        self.summary: dict[int, _Part] = {}
-        self.arguments: list[str] = []
-        self.call = call
-        self.done: dict[str, Any] | None = None
-
-    def parts_of(self, index_key: str) -> dict[int, _Part]:
-        return self.summary if index_key == "summary_index" else self.content
-
-    def render(self) -> dict[str, Any]:
-        if self.done is not None:
-            return self.done
-        data = dict(self.data)
-        if self.kind == "function_call":
-            data["arguments"] = "".join(self.arguments)
-        if self.content:
-            data["content"] = [self.content[index].render() for index in sorted(self.content)]
-        if self.summary:
-            data["summary"] = [self.summary[index].render() for index in sorted(self.summary)]
-        return data
-
-
 class ResponsesDialect(Dialect):
     """Folds OpenAI Responses stream events; ``native`` is the Response."""
 
@@ -106,8 +53,8 @@ class ResponsesDialect(Dialect):
         self._snapshot: dict[str, Any] | None = None  # the last lifecycle response
         self._final: dict[str, Any] | None = None
         self._response_id: str | None = None
-        self._items: dict[int, _Item] = {}
-        self._by_id: dict[str, _Item] = {}
+        self._items: dict[int, Item] = {}
+        self._by_id: dict[str, Item] = {}
 
     @staticmethod
     def recognizes(event: dict[str, Any]) -> bool:
@@ -147,12 +94,9 @@ class ResponsesDialect(Dialect):
                     item.call.arguments.append(delta)
         elif kind in _TEXT_DONES:
             item_kind, index_key, field, key = _TEXT_DONES[kind]
-            item, parts, index, part = self._find_part(event, position, item_kind, index_key)
+            item, index = self._find_part(event, position, item_kind, index_key)
             text = expect(event.get(key), str, position, key, "a string")
-            if part is None:
-                part = parts[index] = _Part({"type": "summary_text" if index_key == "summary_index" else
-                                             "refusal" if field == "refusal" else "output_text"})
-            self._settle(field, part.parts, text, f"{kind} (output {_where(event)})")
+            self._settle(field, item.part(index_key, index, field).parts, text, f"{kind} (output {_where(event)})")
         elif kind in _PART_EVENTS:
             self._part_event(kind, event, position)
         elif kind == "response.function_call_arguments.done":
@@ -160,11 +104,9 @@ class ResponsesDialect(Dialect):
             arguments = expect(event.get("arguments"), str, position, "arguments", "a string")
             self._settle_call(item, arguments, f"{kind} (output {_where(event)})")
         elif kind == "response.output_text.annotation.added":
-            item, parts, index, part = self._find_part(event, position, "message", "content_index")
+            item, index = self._find_part(event, position, "message", "content_index")
             annotation = expect(event.get("annotation"), dict, position, "annotation", "an object")
-            if part is None:
-                part = parts[index] = _Part({"type": "output_text"})
-            part.annotations.append(annotation)
+            item.part("content_index", index, "content").annotations.append(annotation)
         elif kind == "response.output_item.added":
             self._item_added(event, position)
         elif kind == "response.output_item.done":
@@ -178,16 +120,14 @@ class ResponsesDialect(Dialect):
     def _delta(self, spec: tuple[str, str, str], event: dict[str, Any], position: int) -> None:
         """Any text delta, checked whole: a part that was never added is opened, logprobs are kept."""
         kind, (item_kind, index_key, field) = event["type"], spec
-        item, parts, index, part = self._find_part(event, position, item_kind, index_key)
+        item, index = self._find_part(event, position, item_kind, index_key)
         delta = event.get("delta")
         if type(delta) is not str:
             reject(position, f"{kind} delta must be a string, got {delta!r:.40}")
         logprobs = event.get("logprobs")
         if logprobs is not None and type(logprobs) is not list:
             reject(position, f"{kind} logprobs must be a list, got {logprobs!r:.40}")
-        if part is None:
-            part = parts[index] = _Part({"type": "summary_text" if index_key == "summary_index" else
-                                         "refusal" if field == "refusal" else "output_text"})
+        part = item.part(index_key, index, field)
         if delta:
             self._add(field, part.parts, delta)
         if logprobs:
@@ -197,7 +137,7 @@ class ResponsesDialect(Dialect):
 
     # --- finding what an event is about ----------------------------------------------------------------
 
-    def _item_of(self, event: dict[str, Any], position: int, kind: str | None) -> _Item:
+    def _item_of(self, event: dict[str, Any], position: int, kind: str | None) -> Item:
         """The output item an event names by ``output_index`` (or, lacking one, ``item_id``)."""
         output_index, item_id = event.get("output_index"), event.get("item_id")
         if type(output_index) is int:
@@ -212,12 +152,10 @@ class ResponsesDialect(Dialect):
             reject(position, f"{event.get('type')} for output {_where(event)}, which is a {item.kind}, not a {kind}")
         return item
 
-    def _find_part(self, event: dict[str, Any], position: int, kind: str,
-                   index_key: str) -> tuple[_Item, dict[int, _Part], int, _Part | None]:
-        item = self._item_of(event, position, kind)
-        index = expect(event.get(index_key), int, position, index_key, "an integer")
-        parts = item.parts_of(index_key)
-        return item, parts, index, parts.get(index)
+    def _find_part(self, event: dict[str, Any], position: int, kind: str, index_key: str) -> tuple[Item, int]:
+        """The item an event names, and the index of its part the event is about."""
+        return (self._item_of(event, position, kind),
+                expect(event.get(index_key), int, position, index_key, "an integer"))
 
     # --- events ----------------------------------------------------------------------------------------
 
@@ -251,7 +189,7 @@ class ResponsesDialect(Dialect):
             self.state.warnings.append(f"{what}: the streamed text differs from the text it ends with; "
                                        "kept the streamed text")
 
-    def _settle_call(self, item: _Item, arguments: str, what: str) -> None:
+    def _settle_call(self, item: Item, arguments: str, what: str) -> None:
         have = "".join(item.arguments)
         if arguments != have:
             if arguments.startswith(have):
@@ -280,11 +218,11 @@ class ResponsesDialect(Dialect):
         if kind.endswith(".added"):
             if part is not None:
                 reject(position, f"{kind}: part {index} of output {_where(event)} was added already")
-            parts[index] = _Part(data)
+            parts[index] = Part(data)
             self._fields[field].seen = True  # an empty part is still an empty text, not none at all
             return
         if part is None:
-            part = parts[index] = _Part(data)
+            part = parts[index] = Part(data)
         if text is not None:
             self._settle(field, part.parts, text, f"{kind} (output {_where(event)})")
         part.done = data
@@ -305,7 +243,7 @@ class ResponsesDialect(Dialect):
         choice = self._begin()
         call = choice.open_call(call_id or item_id or f"call_{output_index}", name or "") \
             if kind == "function_call" else None
-        item = self._items[output_index] = _Item(data, call)
+        item = self._items[output_index] = Item(data, call)
         if item_id:
             self._by_id[item_id] = item
         if arguments:
@@ -324,7 +262,7 @@ class ResponsesDialect(Dialect):
             reject(position, f"response.output_item.done for output {output_index}: a {kind}, added as a {item.kind}")
         arguments = optional(data.get("arguments"), str, position, "item.arguments", "a string") \
             if kind == "function_call" else None
-        texts = _part_texts(data, position) if kind in ("message", "reasoning") else []
+        texts = part_texts(data, position) if kind in ("message", "reasoning") else []
         if item is None:
             self._item_added(event, position)
             item = self._items[output_index]
@@ -333,14 +271,9 @@ class ResponsesDialect(Dialect):
         elif item.call is not None:
             item.call.done = True
         for index_key, index, field, text in texts:
-            parts = item.parts_of(index_key)
-            part = parts.get(index)
-            if part is None:
-                part = parts[index] = _Part({"type": "summary_text" if index_key == "summary_index" else
-                                             "refusal" if field == "refusal" else "output_text"})
-            if item.kind == "reasoning":
-                field = "reasoning"
-            self._settle(field, part.parts, text, f"response.output_item.done (output {output_index})")
+            field = "reasoning" if item.kind == "reasoning" else field
+            self._settle(field, item.part(index_key, index, field).parts, text,
+                         f"response.output_item.done (output {output_index})")
         item.done = data
 
     def _lifecycle(self, kind: str, event: dict[str, Any], position: int) -> None:
@@ -421,21 +354,6 @@ class ResponsesDialect(Dialect):
     def native_usage(native: dict[str, Any]) -> dict[str, Any] | None:
         usage = native.get("usage")
         return usage if isinstance(usage, dict) else None
-
-
-def _part_texts(item: dict[str, Any], position: int) -> list[tuple[str, int, str, str]]:
-    """The whole texts a done message or reasoning item repeats: (index key, index, field, text)."""
-    texts = []
-    for key, index_key in (("content", "content_index"), ("summary", "summary_index")):
-        parts = optional(item.get(key), list, position, f"item.{key}", "a list")
-        for index, part in enumerate(parts or ()):
-            if type(part) is not dict:
-                continue
-            text_key = "refusal" if part.get("type") == "refusal" else "text"
-            text = optional(part.get(text_key), str, position, f"item.{key}[{index}].{text_key}", "a string")
-            if text is not None:
-                texts.append((index_key, index, "refusal" if text_key == "refusal" else "content", text))
-    return texts
 
 
 def _where(event: dict[str, Any]) -> str:
