@@ -144,3 +144,23 @@ def call_events(output_index: int, item_id: str, call_id: str, name: str,
 def responses_usage(prompt: int = 10, completion: int = 5) -> dict[str, Any]:
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}
+
+
+# --- Gemini chunks ------------------------------------------------------------------------------------------
+
+def gemini_chunk(*parts: dict[str, Any], finish: str | None = None, index: int | None = None,
+                 usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    candidate: dict[str, Any] = {"content": {"parts": list(parts), "role": "model"}}
+    if finish is not None:
+        candidate["finishReason"] = finish
+    if index is not None:
+        candidate["index"] = index
+    chunk: dict[str, Any] = {"candidates": [candidate]}
+    if usage is not None:
+        chunk["usageMetadata"] = usage
+    return {**chunk, "modelVersion": "gemini-test", "responseId": "resp-test"}
+
+
+def partial(path: str, **value: Any) -> dict[str, Any]:
+    """One Vertex ``partialArgs`` entry: ``partial("$.city", stringValue="Par", willContinue=True)``."""
+    return {"jsonPath": path, **value}

@@ -9,6 +9,8 @@ must agree on the text, the function calls (call id, name, arguments), the statu
   ``output_item.done`` says); Streamfold also streams them into reasoning_content, so they are compared with
   the done items instead;
 - an ``error`` event: the SDK's state ignores it (its stream raises instead); Streamfold fails the record;
+- a stream whose items arrive out of ``output_index`` order (the API sends them in order): the SDK's
+  snapshot lists them as they came, Streamfold's by ``output_index``, as the final response does;
 - a ``*.done`` event whose text disagrees with the deltas: the SDK keeps the deltas in its snapshot and the
   final response's text in its result, as Streamfold does for ``native``, while the completion keeps the
   streamed text (only ever appended to) with a warning.
@@ -144,27 +146,23 @@ def items(draw: st.DrawFn, output_index: int) -> list[dict[str, Any]]:
     return call_events(output_index, f"fc_{output_index}", f"call_{output_index}", "f", fragments)
 
 
-def _done_item(events: list[dict[str, Any]]) -> dict[str, Any]:
-    return next(event["item"] for event in reversed(events) if event["type"] == "response.output_item.done")
-
-
 @st.composite
 def responses_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
     """Up to four output items, two function calls sometimes interleaved; then completed (with or without its
     output), incomplete, failed, cut anywhere, or ended by an error event."""
     drawn = [draw(items(index)) for index in range(draw(st.integers(0, 4)))]
     events = [response_event("response.created"), response_event("response.in_progress")]
-    calls = [item for item in drawn if item[0]["item"]["type"] == "function_call"]
-    if len(calls) >= 2 and draw(st.booleans()):  # two calls' argument deltas alternating
-        first, second = calls[:2]
-        rest = [item for item in drawn if item is not first and item is not second]
+    pairs = [number for number in range(len(drawn) - 1)
+             if all(item[0]["item"]["type"] == "function_call" for item in drawn[number:number + 2])]
+    if pairs and draw(st.booleans()):  # two consecutive calls, their argument deltas alternating
+        number = draw(st.sampled_from(pairs))
+        first, second = drawn[number:number + 2]
         deltas_a, deltas_b = first[1:-2], second[1:-2]
         mixed = [event for pair in zip(deltas_a, deltas_b) for event in pair]
         mixed += deltas_a[len(deltas_b):] + deltas_b[len(deltas_a):]
-        events += [first[0], second[0], *mixed, *first[-2:], *second[-2:], *(event for item in rest for event in item)]
-    else:
-        events += [event for item in drawn for event in item]
-    output = [_done_item(item) for item in sorted(drawn, key=lambda item: item[0]["output_index"])]
+        drawn[number:number + 2] = [[first[0], second[0], *mixed, *first[-2:], *second[-2:]]]
+    events += [event for item in drawn for event in item]
+    output = [event["item"] for event in events if event["type"] == "response.output_item.done"]
     ending = draw(st.sampled_from(["completed", "no output", "incomplete", "failed", "cut", "error"]))
     usage = responses_usage(draw(st.integers(0, 10**5)), draw(st.integers(0, 10**5)))
     if ending in ("completed", "no output"):

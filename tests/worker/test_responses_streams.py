@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from native_streams import (assert_fed_alike, call_events, call_item, clean_record, fixture_names, message_events,
+from native_streams import (call_events, call_item, clean_record, fixture_names, message_events,
                             message_item, native_events, response_event, responses_usage, snapshot)
 from streamfold.errors import ChunkError
 from worker import Assembler, assemble
@@ -42,11 +42,6 @@ def _usage(prompt: int, completion: int, total: int, reasoning: int, **prompt_de
 
 def test_every_recorded_responses_stream_has_a_test_here() -> None:
     assert set(fixture_names("responses")) == FIXTURES
-
-
-@pytest.mark.parametrize("name", sorted(FIXTURES))
-def test_a_recorded_stream_is_recognised_fed_one_by_one_or_forced_alike(name: str) -> None:
-    assert_fed_alike("responses", name)
 
 
 def test_text_basic_is_one_message_with_usage_from_the_completed_event() -> None:

@@ -13,12 +13,14 @@ from streamfold.contract import Format
 from worker.dialects.anthropic import AnthropicDialect
 from worker.dialects.base import Dialect
 from worker.dialects.chat import ChatDialect
+from worker.dialects.gemini import GeminiDialect
 from worker.dialects.responses import ResponsesDialect
 
 # Tried in this order on a stream's first event; chat, which claims everything, comes last.
 DIALECTS: dict[str, type[Dialect]] = {
     "anthropic": AnthropicDialect,
     "responses": ResponsesDialect,
+    "gemini": GeminiDialect,
     "chat": ChatDialect,
 }
 
