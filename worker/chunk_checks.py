@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+import orjson
+
 from streamfold.errors import ChunkError
 
 _STR_OR_NONE = (str, type(None))
@@ -152,6 +154,12 @@ def _check_tool_call(fragment: Any, position: int, choice: int, number: int) -> 
         arguments = function.get("arguments")
         if arguments is not None and not isinstance(arguments, (str, dict, list)):
             fail(position, _call_field(choice, number, ".function.arguments"), "a string or an object", arguments)
+        if isinstance(arguments, (dict, list)):
+            try:  # an object is kept as its JSON text, so it must be one orjson can write
+                orjson.dumps(arguments)
+            except orjson.JSONEncodeError as exc:
+                fail(position, _call_field(choice, number, ".function.arguments"), f"writable as JSON ({exc})",
+                     arguments)
 
 
 def _call_field(choice: int, number: int, rest: str) -> str:

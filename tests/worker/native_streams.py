@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,12 @@ def clean_record(dialect: str, name: str) -> dict[str, Any]:
     return dict(record)
 
 
-def snapshot(assembler: Assembler) -> bytes:
-    """Everything an assembler would report, as bytes: equal snapshots mean an unchanged assembler."""
-    return orjson.dumps({"record": assembler.result(), "chunks": assembler.chunks}, option=orjson.OPT_SORT_KEYS)
+def snapshot(assembler: Assembler) -> str:
+    """Everything an assembler would report, as text: equal snapshots mean an unchanged assembler.
+
+    The standard library's JSON writer, unlike orjson's, takes any integer a dict fed directly may hold.
+    """
+    return json.dumps({"record": assembler.result(), "chunks": assembler.chunks}, sort_keys=True, default=repr)
 
 
 # --- Anthropic Messages events ---------------------------------------------------------------------------

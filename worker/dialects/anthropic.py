@@ -80,7 +80,7 @@ class AnthropicDialect(Dialect):
     @staticmethod
     def recognizes(event: dict[str, Any]) -> bool:
         kind = event.get("type")
-        return kind in _EVENTS or (kind == "error" and isinstance(event.get("error"), dict))
+        return type(kind) is str and (kind in _EVENTS or (kind == "error" and isinstance(event.get("error"), dict)))
 
     def apply(self, event: dict[str, Any], position: int) -> None:
         kind = event.get("type")

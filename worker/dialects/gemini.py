@@ -277,6 +277,8 @@ class GeminiDialect(Dialect):
         choice = self.state.choices.get(index) or self.state.choice(index)
         fields = candidate.fields
         for key, value in data.items():
+            if value is None:
+                continue
             if key == "content":
                 fields.setdefault(key, None)
                 for inner, item in value.items():  # role, and where parts stand among the content's keys
