@@ -5,7 +5,8 @@ here, so these methods never see malformed input and never raise on it. The chat
 this state by one code path (``CompletionState.to_completion``), whichever dialect fed it.
 
 What a follower, feeding events one at a time and diffing this state after each, may rely on (native
-dialects; the chat dialect keeps the same shapes, but its text may be cumulative, see ``TextField``):
+dialects; chat chunks keep the same shapes, but their text may be cumulative - see ``TextField`` - and a
+call's id and name may come after the call appeared, in a later fragment):
 
 - ``CompletionState.choices`` only gains choices; a choice's ``ChoiceState`` object stays the same one.
 - ``TextField.parts`` of ``content``, ``reasoning_content`` and ``refusal`` only grow, by appending; what

@@ -168,3 +168,40 @@ def gemini_chunk(*parts: dict[str, Any], finish: str | None = None, index: int |
 def partial(path: str, **value: Any) -> dict[str, Any]:
     """One Vertex ``partialArgs`` entry: ``partial("$.city", stringValue="Par", willContinue=True)``."""
     return {"jsonPath": path, **value}
+
+
+# --- what a follower may rely on ----------------------------------------------------------------------------
+
+TEXT_FIELDS = ("content", "reasoning_content", "refusal")
+
+
+def follow(events: list[Any], format: Any = None) -> Assembler:
+    """Feed events one at a time and, after each, check the shared state against the follower contract of
+    worker/choice.py: choices and calls only appear, texts and arguments only grow by appending, a call's
+    id and name never change, ``done`` only turns true and nothing is appended after it."""
+    assembler = Assembler(format=format)
+    seen: dict[int, Any] = {}
+    for event in events:
+        assembler.feed(event)
+        state = assembler.state
+        assert set(seen) <= set(state.choices)
+        for index, choice in state.choices.items():
+            before = seen.get(index)
+            if before is not None:
+                assert before["choice"] is choice
+                for name in TEXT_FIELDS:
+                    parts = getattr(choice, name).parts
+                    assert parts[:len(before[name])] == before[name]
+                    assert getattr(choice, name).seen or not before[name + "_seen"]
+                assert choice.calls[:len(before["calls"])] == [entry[0] for entry in before["calls"]]
+                for call, identity, arguments, done in before["calls"]:
+                    assert (call.id, call.type, call.name) == identity
+                    assert call.arguments[:len(arguments)] == arguments
+                    assert call.done or not done
+                    assert not done or call.arguments == arguments
+            seen[index] = {"choice": choice, **{name: list(getattr(choice, name).parts) for name in TEXT_FIELDS},
+                           **{name + "_seen": getattr(choice, name).seen for name in TEXT_FIELDS},
+                           "calls": [(call, (call.id, call.type, call.name), list(call.arguments), call.done)
+                                     for call in choice.calls]}
+        state.usage()
+    return assembler

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from native_streams import (block_delta, block_start, block_stop, fixture_names, message_end, message_start,
-                            native_events)
+from native_streams import (block_delta, block_start, block_stop, fixture_names, follow, message_end,
+                            message_start, native_events)
 from worker import assemble
 
 anthropic_messages = pytest.importorskip("anthropic.lib.streaming._messages")
@@ -158,6 +158,7 @@ def anthropic_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
 @given(events=anthropic_streams())
 def test_generated_streams_agree_with_the_sdk(events: list[dict[str, Any]]) -> None:
     assert_agree(events)
+    follow(events)
     kinds = [event["type"] for event in events]
     status = "failed" if "error" in kinds else "completed" if "message_stop" in kinds else "incomplete"
     assert assemble(events)["status"] == status

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from native_streams import (NATIVE, assert_fed_alike, fixture_names, gemini_chunk, message_start, native_lines,
-                            response_event, snapshot, text_block)
+from native_streams import (NATIVE, assert_fed_alike, fixture_names, follow, gemini_chunk, message_start,
+                            native_lines, response_event, snapshot, text_block)
 from pipeline_rig import recorded
 from streamfold.contract import FORMATS, decode_envelope, decode_start, encode_chunk, encode_end, encode_start
 from streamfold.errors import ChunkError, ContractError
@@ -141,3 +141,11 @@ def test_the_assemble_command_takes_a_format(capsysbinary: pytest.CaptureFixture
         assert orjson.loads(capsysbinary.readouterr().out)["format"] == "gemini"
     assert main(["assemble", "--format", "anthropic", path]) == 1
     assert b"not an Anthropic stream event" in capsysbinary.readouterr().err
+
+
+@pytest.mark.parametrize(("dialect", "name"), NATIVE_FIXTURES)
+def test_a_follower_of_a_recorded_stream_sees_texts_and_calls_only_grow(dialect: str, name: str) -> None:
+    assembler = follow(native_lines(dialect, name))
+    assert assembler.result() == assemble(native_lines(dialect, name))
+    calls = [call for choice in assembler.state.choices.values() for call in choice.calls]
+    assert all(call.done for call in calls)  # every native dialect says when a call is complete

@@ -7,8 +7,10 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from native_streams import clean_record, fixture_names, gemini_chunk, native_events, partial, snapshot
+from native_streams import clean_record, fixture_names, follow, gemini_chunk, native_events, partial, snapshot
 from streamfold.errors import ChunkError
 from worker import Assembler, assemble
 
@@ -235,3 +237,37 @@ def test_a_rejected_chunk_names_what_is_wrong_and_changes_nothing(chunk: dict[st
     with pytest.raises(ChunkError, match=reason):
         assembler.feed(chunk)
     assert snapshot(assembler) == before
+
+
+@st.composite
+def vertex_streams(draw: st.DrawFn) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A streamed call: string values cut into fragments that go on, numbers and booleans set whole; closed
+    by an empty functionCall or by a last part that does not go on. Returns the chunks and the arguments."""
+    expected: dict[str, Any] = {}
+    fragments: list[dict[str, Any]] = []
+    for number in range(draw(st.integers(0, 4))):
+        key = f"k{number}"
+        value = draw(st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6), st.booleans()))
+        expected[key] = value
+        if isinstance(value, str):
+            cuts = sorted(draw(st.lists(st.integers(0, len(value)), max_size=4)))
+            pieces = [value[start:end] for start, end in zip([0, *cuts], [*cuts, len(value)])]
+            fragments += [partial(f"$.{key}", stringValue=piece, willContinue=True) for piece in pieces[:-1]]
+            fragments.append(partial(f"$.{key}", stringValue=pieces[-1]))
+        else:
+            fragments.append(partial(f"$.{key}", **{"boolValue" if isinstance(value, bool) else "numberValue": value}))
+    chunks = [gemini_chunk({"functionCall": {"name": "f", "willContinue": True}})]
+    for fragment in fragments:
+        chunks.append(gemini_chunk({"functionCall": {"partialArgs": [fragment], "willContinue": True}}))
+    chunks.append(gemini_chunk({"functionCall": {}}, finish="STOP"))
+    return chunks, expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=vertex_streams())
+def test_any_streamed_call_becomes_the_call_its_fragments_spell(case: tuple[list[dict[str, Any]], Any]) -> None:
+    chunks, expected = case
+    assembler = follow(chunks)
+    call = assembler.state.choices[0].calls[0]
+    assert call.done and json.loads("".join(call.arguments)) == expected
+    assert assembler.result()["status"] == "completed"

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from native_streams import (call_events, call_item, fixture_names, message_events, message_item, native_events,
-                            response_event, responses_usage)
+from native_streams import (call_events, call_item, fixture_names, follow, message_events, message_item,
+                            native_events, response_event, responses_usage)
 from worker import assemble
 
 openai_models = pytest.importorskip("openai._models")
@@ -187,6 +187,7 @@ def responses_streams(draw: st.DrawFn) -> list[dict[str, Any]]:
 @given(events=responses_streams())
 def test_generated_streams_agree_with_the_sdk(events: list[dict[str, Any]]) -> None:
     assert_agree(events)
+    follow(events)
     last = events[-1]["type"]
     status = assemble(events)["status"]
     assert status == ("failed" if last in ("error", "response.failed") else
