@@ -22,9 +22,10 @@ from typing import Any
 
 import orjson
 
-from worker.choice import ChoiceState, CompletionState, ToolCallBuffer, merge_field
+from worker.choice import ChoiceState, CompletionState, merge_field
 from worker.dialects.base import Dialect, count, expect, optional, reject
-from worker.dialects.gemini_partial_args import PartialArguments, read_fragment
+from worker.dialects.gemini_partial_args import Fragment, PartialArguments, read_fragment
+from worker.dialects.gemini_response import Call, Candidate, TextRun
 
 BLOCKED = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
            "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "LANGUAGE", "OTHER")
@@ -32,62 +33,11 @@ FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", **{reason: "content_fi
 _TEXT_KEYS = frozenset({"text", "thought", "thoughtSignature"})
 _PLAIN_CANDIDATE = frozenset({"content", "index", "finishReason"})
 _PLAIN_CONTENT = frozenset({"parts", "role"})
-_CALL_STREAM_KEYS = ("partialArgs", "willContinue")
+_FRAGMENT_KEYS = frozenset({"partialArgs", "willContinue"})
 
 
-class _Run:
-    """Consecutive text parts of one kind (answer or thought), joined as the non-streaming response has them."""
-
-    __slots__ = ("thought", "parts", "signature")
-
-    def __init__(self, thought: bool) -> None:
-        self.thought = thought
-        self.parts: list[str] = []
-        self.signature: str | None = None
-
-    def render(self) -> dict[str, Any]:
-        part: dict[str, Any] = {"text": "".join(self.parts)}
-        if self.thought:
-            part["thought"] = True
-        if self.signature is not None:
-            part["thoughtSignature"] = self.signature
-        return part
-
-
-class _Call:
-    """A function call's native part; a streamed one's arguments grow until it closes."""
-
-    __slots__ = ("part", "args", "buffer")
-
-    def __init__(self, part: dict[str, Any], args: PartialArguments, buffer: ToolCallBuffer) -> None:
-        self.part = part
-        self.args = args
-        self.buffer = buffer
-
-    def render(self) -> dict[str, Any]:
-        call = {key: value for key, value in self.part["functionCall"].items() if key not in _CALL_STREAM_KEYS}
-        call["args"] = self.args.args
-        return {**self.part, "functionCall": call}
-
-
-class _Candidate:
-    __slots__ = ("fields", "content", "parts", "streamed")
-
-    def __init__(self) -> None:
-        self.fields: dict[str, Any] = {}  # the candidate's own fields in first-seen order, content rendered in
-        self.content: dict[str, Any] = {}  # the content's own fields (role), parts rendered in
-        self.parts: list[_Run | _Call | dict[str, Any]] = []
-        self.streamed: _Call | None = None  # a Vertex call whose arguments are still streaming
-
-    def render(self) -> dict[str, Any]:
-        parts = [part.render() if isinstance(part, (_Run, _Call)) else part for part in self.parts]
-        content = {key: parts if key == "parts" else value for key, value in self.content.items()}
-        content.setdefault("parts", parts)
-        return {key: content if key == "content" else value for key, value in self.fields.items()}
-
-
-# Steps a chunk's parts turn into once checked: ("text", text, thought, signature), ("part", part),
-# ("call", part, PartialArguments, arguments JSON or None while it streams), ("more", PartialArguments,
+# Steps a chunk's parts turn into once checked: ("text", text, thought, signature), ("part", part, text,
+# thought), ("call", part, PartialArguments, arguments JSON or None while it streams), ("more", fragments,
 # arguments JSON or None) for a streamed call going on or closing.
 Step = tuple[Any, ...]
 
@@ -100,7 +50,7 @@ class GeminiDialect(Dialect):
     def __init__(self, state: CompletionState) -> None:
         super().__init__(state)
         self._top: dict[str, Any] = {}  # the response's own fields in first-seen order
-        self._candidates: dict[int, _Candidate] = {}
+        self._candidates: dict[int, Candidate] = {}
 
     @staticmethod
     def recognizes(event: dict[str, Any]) -> bool:
@@ -117,34 +67,33 @@ class GeminiDialect(Dialect):
         self._general(chunk, position)
 
     def _steady(self, chunk: dict[str, Any], candidate: dict[str, Any]) -> bool:
-        """Apply a chunk that continues a known candidate with one text part; False (nothing done) if it is not."""
+        """Apply a chunk that continues a known candidate with one text part, or a streamed call with more
+        fragments; False (nothing done) for any other chunk."""
         usage, content = chunk.get("usageMetadata"), candidate.get("content")
         if (usage is not None and type(usage) is not dict) or type(content) is not dict:
             return False
-        parts = content.get("parts")
-        if type(parts) is not list or len(parts) != 1 or not content.keys() <= _PLAIN_CONTENT:
-            return False
-        part = parts[0]
-        if type(part) is not dict or not part.keys() <= _TEXT_KEYS:
-            return False
-        text, thought, signature = part.get("text", ""), part.get("thought", False), part.get("thoughtSignature")
-        index, finish = candidate.get("index", 0), candidate.get("finishReason")
-        if (type(text) is not str or type(thought) is not bool or (signature is not None and type(signature) is not str)
-                or type(index) is not int or (finish is not None and type(finish) is not str)
+        parts, index, finish = content.get("parts"), candidate.get("index", 0), candidate.get("finishReason")
+        if (type(parts) is not list or len(parts) != 1 or not content.keys() <= _PLAIN_CONTENT or type(index) is not int
+                or (finish is not None and type(finish) is not str)
                 or ("createTime" in chunk and self.state.created is None)):
             return False
-        held = self._candidates.get(index)
-        if held is None or held.streamed is not None:
+        held, part = self._candidates.get(index), parts[0]
+        if held is None or type(part) is not dict:
             return False
-        if usage is not None:
-            self._top["usageMetadata"] = usage
-            self.state.raw_usage = usage
+        if held.streamed is not None:
+            return self._steady_fragments(part, held, usage, finish)
+        if not part.keys() <= _TEXT_KEYS:
+            return False
+        text, thought, signature = part.get("text", ""), part.get("thought", False), part.get("thoughtSignature")
+        if type(text) is not str or type(thought) is not bool or (signature is not None and type(signature) is not str):
+            return False
+        self._steady_usage(usage)
         choice = self.state.choices[index]
         field = choice.reasoning_content if thought else choice.content
         field.seen = True
         run = held.parts[-1] if held.parts else None
-        if type(run) is not _Run or run.thought != thought or (signature is not None and run.signature is not None):
-            run = _Run(thought)
+        if type(run) is not TextRun or run.thought != thought or (signature is not None and run.signature is not None):
+            run = TextRun(thought)
             held.parts.append(run)
         if text:
             field.parts.append(text)
@@ -156,6 +105,28 @@ class GeminiDialect(Dialect):
             choice.finish_reason = "tool_calls" if finish == "STOP" and choice.calls else \
                 FINISH_REASONS.get(finish, finish)
         return True
+
+    def _steady_fragments(self, part: dict[str, Any], held: Candidate, usage: Any, finish: Any) -> bool:
+        """More fragments for a streamed call that goes on after them; closing it is the general path's."""
+        call = part.get("functionCall")
+        if (finish is not None or len(part) != 1 or type(call) is not dict or call.get("willContinue") is not True
+                or not call.keys() <= _FRAGMENT_KEYS):
+            return False
+        fragments = []
+        for fragment in call.get("partialArgs") or ():
+            read = read_fragment(fragment)
+            if isinstance(read, str):
+                return False  # the general path names what is wrong
+            fragments.append(read)
+        self._steady_usage(usage)
+        assert held.streamed is not None  # the caller's condition
+        held.streamed.args.fragments += fragments
+        return True
+
+    def _steady_usage(self, usage: dict[str, Any] | None) -> None:
+        if usage is not None:
+            self._top["usageMetadata"] = usage
+            self.state.raw_usage = usage
 
     def _general(self, chunk: dict[str, Any], position: int) -> None:
         """Any chunk: checked whole (every candidate worked out as steps), then applied."""
@@ -219,9 +190,10 @@ class GeminiDialect(Dialect):
         parts = optional((content or {}).get("parts"), list, position, f"{where}.content.parts", "a list")
         existing = self._candidates.get(index)
         open_call = existing.streamed if existing is not None else None
-        # The candidate's streamed call as it would stand after each part: the chunk is worked out on copies.
+        # The candidate's streamed call as it would stand after each part, and the fragments this chunk adds.
         streamed = open_call.args if open_call is not None else None
         opened: dict[str, Any] | None = open_call.part["functionCall"] if open_call is not None else None
+        pending: list[Fragment] = []
         steps: list[Step] = []
         for part_number, part in enumerate(parts or ()):
             at = f"{where}.content.parts[{part_number}]"
@@ -250,22 +222,22 @@ class GeminiDialect(Dialect):
                 fragments.append(read)
             if streamed is not None and opened is not None and (name is None or name == opened.get("name")) and (
                     call_id is None or call_id == opened.get("id")):
-                streamed = (PartialArguments({**streamed.args, **args}, streamed.continuing) if args
-                            else streamed).with_fragments(fragments)
-                closing = not will
-                steps.append(("more", streamed, _arguments(streamed, position, at) if closing else None))
-                if closing:
+                # args on a later part set top-level keys, as fragments do
+                fragments = [((key,), value, False) for key, value in (args or {}).items()] + fragments
+                pending += fragments
+                steps.append(("more", fragments, None if will else _arguments(streamed, pending, position, at)))
+                if not will:
                     streamed = opened = None
                 continue
             if not call:
                 continue  # an empty functionCall closes a streamed call, and is nothing when none is open
             if streamed is not None:  # another call begins: the streamed one ended without saying so
-                steps.append(("more", streamed, _arguments(streamed, position, at)))
+                steps.append(("more", [], _arguments(streamed, pending, position, at)))
                 streamed = opened = None
-            arguments = PartialArguments(dict(args or {})).with_fragments(fragments)
+            arguments = PartialArguments(args or {}, fragments)
             if will:
-                streamed, opened = arguments, call
-            steps.append(("call", part, arguments, None if will else _arguments(arguments, position, at)))
+                streamed, opened, pending = arguments, call, []
+            steps.append(("call", part, arguments, None if will else _arguments(arguments, [], position, at)))
         return index, candidate, steps
 
     # --- applying -----------------------------------------------------------------------------------------
@@ -273,7 +245,7 @@ class GeminiDialect(Dialect):
     def _apply_candidate(self, index: int, data: dict[str, Any], steps: list[Step]) -> None:
         candidate = self._candidates.get(index)
         if candidate is None:
-            candidate = self._candidates[index] = _Candidate()
+            candidate = self._candidates[index] = Candidate()
         choice = self.state.choices.get(index) or self.state.choice(index)
         fields = candidate.fields
         for key, value in data.items():
@@ -300,7 +272,7 @@ class GeminiDialect(Dialect):
             else:
                 streamed = candidate.streamed
                 assert streamed is not None  # the plan only continues a call that is open
-                streamed.args = step[1]
+                streamed.args.fragments += step[1]
                 if step[2] is not None:
                     streamed.buffer.arguments.append(step[2])
                     streamed.buffer.done = True
@@ -311,24 +283,24 @@ class GeminiDialect(Dialect):
                 FINISH_REASONS.get(reason, reason)
 
     @staticmethod
-    def _text(candidate: _Candidate, choice: ChoiceState, text: str, thought: bool, signature: str | None) -> None:
+    def _text(candidate: Candidate, choice: ChoiceState, text: str, thought: bool, signature: str | None) -> None:
         (choice.reasoning_content if thought else choice.content).append(text)
         parts = candidate.parts
         run = parts[-1] if parts else None
-        if type(run) is not _Run or run.thought != thought or (signature is not None and run.signature is not None):
-            run = _Run(thought)
+        if type(run) is not TextRun or run.thought != thought or (signature is not None and run.signature is not None):
+            run = TextRun(thought)
             parts.append(run)
         if text:
             run.parts.append(text)
         if signature is not None:
             run.signature = signature
 
-    def _call(self, candidate: _Candidate, choice: ChoiceState, part: dict[str, Any], args: PartialArguments,
+    def _call(self, candidate: Candidate, choice: ChoiceState, part: dict[str, Any], args: PartialArguments,
               arguments: str | None) -> None:
         data = part["functionCall"]
         call_id = data.get("id") or f"call_{self.state.id or 'gemini'}_{len(choice.calls)}"
         buffer = choice.open_call(call_id, data.get("name") or "")
-        call = _Call(part, args, buffer)
+        call = Call(part, args, buffer)
         candidate.parts.append(call)
         if arguments is None:
             candidate.streamed = call
@@ -354,9 +326,10 @@ class GeminiDialect(Dialect):
         return usage if isinstance(usage, dict) else None
 
 
-def _arguments(arguments: PartialArguments, position: int, where: str) -> str:
+def _arguments(arguments: PartialArguments, more: list[Fragment], position: int, where: str) -> str:
+    """The JSON text of a call's arguments once it closes; a ChunkError if orjson cannot write them."""
     try:
-        return orjson.dumps(arguments.args).decode()
+        return orjson.dumps(arguments.value(more)).decode()
     except orjson.JSONEncodeError as exc:
         reject(position, f"{where}.functionCall: arguments cannot be written as JSON ({exc})")
 
