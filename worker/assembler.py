@@ -54,9 +54,11 @@ class Assembler:
     def feed(self, chunk: Any) -> None:
         """Apply one chunk: bytes/str JSON, an SSE line, a dict, or an object with ``model_dump()``."""
         position = self._fed
-        self._fed += 1
+        self._fed = position + 1
+        is_error = self._next_is_error
+        if is_error:
+            self._next_is_error = False  # only the very next data line
         kind = type(chunk)
-        is_error, self._next_is_error = self._next_is_error, False  # only the very next data line
         if kind is bytes or kind is str:
             text = chunk
             if text[:1] not in _OPEN_BRACE:
