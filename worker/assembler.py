@@ -60,15 +60,19 @@ class Assembler:
             self._next_is_error = False  # only the very next data line
         kind = type(chunk)
         if kind is bytes or kind is str:
-            text = chunk
-            if text[:1] not in _OPEN_BRACE:
-                text = self._sse_line(text.strip(), position, is_error)
+            try:  # a chunk is almost always a bare JSON object: parsed first, SSE lines are the exception
+                obj = orjson.loads(chunk)
+            except orjson.JSONDecodeError as exc:
+                text = chunk.strip()
+                if text[:1] in _OPEN_BRACE:
+                    raise ChunkError(f"not JSON ({exc}): {_preview(text)}", position) from None
+                text = self._sse_line(text, position, is_error)
                 if text is None:
                     return
-            try:
-                obj = orjson.loads(text)
-            except orjson.JSONDecodeError as exc:
-                raise ChunkError(f"not JSON ({exc}): {_preview(text)}", position) from None
+                try:
+                    obj = orjson.loads(text)
+                except orjson.JSONDecodeError as inner:
+                    raise ChunkError(f"not JSON ({inner}): {_preview(text)}", position) from None
         elif kind is dict:
             obj = chunk
         elif callable(getattr(chunk, "model_dump", None)):
