@@ -2,6 +2,7 @@
 
 Checking first and applying second is what lets a rejected chunk leave the Assembler untouched. The checks
 cover exactly the fields the Assembler reads; unknown fields are kept as they are and never checked.
+``fail`` is how every dialect's checks name what is wrong.
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ def test_an_error_chunk_fails_the_stream_and_keeps_the_output() -> None:
     error = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
     record = assemble([gemini_chunk({"text": "so far"}), error])
     assert record["status"] == "failed"
-    assert record["error"]["message"] == "The model is overloaded."
+    assert record["error"] == {"message": "The model is overloaded.", "type": "upstream_error", "code": "UNAVAILABLE",
+                               "status": 503}
     assert record["completion"]["choices"][0]["message"]["content"] == "so far"
 
 

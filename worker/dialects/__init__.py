@@ -1,8 +1,10 @@
 """The stream dialects, and the one place that picks one: by name, or by recognising a stream's first event.
 
-Each dialect is a module of its own that knows its events (``Dialect`` in ``base.py``); all of them fold into
-the one shared state of ``worker/choice.py``. Adding a dialect takes its module and a line in ``DIALECTS``
-(and its name in ``streamfold.contract.Format``, the wire's list of names).
+Each dialect is a module of its own that knows its events (``Dialect`` in ``base.py``), with what it builds
+beside it where that grew large (``responses_output``, ``gemini_response``, ``gemini_partial_args``); all of
+them fold into the one shared state of ``worker/choice.py``. Adding a dialect takes its module and a line in
+``DIALECTS`` (and its name in ``streamfold.contract.Format``, the wire's list of names, which a test keeps
+equal to this table).
 """
 
 from __future__ import annotations

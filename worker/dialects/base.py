@@ -5,6 +5,10 @@ checks each event whole before it changes anything, raising ``ChunkError`` for w
 rejected event leaves the state exactly as it was. Besides the chat.completion (built from the shared state
 by one code path) a native dialect builds its ``native`` object: the final object as its own API returns it
 without streaming.
+
+A dialect sets the state up for itself (its usage mapping, whether a final event is awaited) when it applies
+its first event, never in its constructor: the Assembler tries a recognised dialect on the stream's first
+event, and if that event is rejected, nothing may have changed.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ class GeminiDialect(Dialect):
         if blocked:
             state.choice(0).finish_reason = "content_filter"
         if error is not None:
-            state.fail(error if isinstance(error, (dict, str)) else "upstream error")
+            state.fail(_error(error))
 
     # --- checking: a chunk's candidates as steps, before anything changes --------------------------------
 
@@ -332,6 +332,13 @@ def _arguments(arguments: PartialArguments, more: list[Fragment], position: int,
         return orjson.dumps(arguments.value(more)).decode()
     except orjson.JSONEncodeError as exc:
         reject(position, f"{where}.functionCall: arguments cannot be written as JSON ({exc})")
+
+
+def _error(error: Any) -> dict[str, Any] | str:
+    """A Gemini error in the record's terms: its ``code`` is the HTTP status, its ``status`` the error's code."""
+    if not isinstance(error, dict):
+        return error if isinstance(error, str) else "upstream error"
+    return {**error, "code": error.get("status"), "status": error.get("code")}
 
 
 def _blocked(feedback: Any) -> bool:
