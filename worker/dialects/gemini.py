@@ -25,7 +25,7 @@ import orjson
 from worker.choice import ChoiceState, CompletionState, merge_field
 from worker.dialects.base import Dialect, count, expect, optional, reject
 from worker.dialects.gemini_partial_args import Fragment, PartialArguments, read_fragment
-from worker.dialects.gemini_response import Call, Candidate, TextRun
+from worker.dialects.gemini_response import Call, Candidate
 
 BLOCKED = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
            "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "LANGUAGE", "OTHER")
@@ -89,17 +89,7 @@ class GeminiDialect(Dialect):
             return False
         self._steady_usage(usage)
         choice = self.state.choices[index]
-        field = choice.reasoning_content if thought else choice.content
-        field.seen = True
-        run = held.parts[-1] if held.parts else None
-        if type(run) is not TextRun or run.thought != thought or (signature is not None and run.signature is not None):
-            run = TextRun(thought)
-            held.parts.append(run)
-        if text:
-            field.parts.append(text)
-            run.parts.append(text)
-        if signature is not None:
-            run.signature = signature
+        held.add_text(choice.reasoning_content if thought else choice.content, text, thought, signature)
         if finish is not None:
             held.fields["finishReason"] = finish
             choice.finish_reason = "tool_calls" if finish == "STOP" and choice.calls else \
@@ -262,7 +252,7 @@ class GeminiDialect(Dialect):
         for step in steps:
             kind = step[0]
             if kind == "text":
-                self._text(candidate, choice, step[1], step[2], step[3])
+                candidate.add_text(choice.reasoning_content if step[2] else choice.content, step[1], step[2], step[3])
             elif kind == "part":
                 candidate.parts.append(step[1])
                 if step[2] is not None:
@@ -282,18 +272,6 @@ class GeminiDialect(Dialect):
             choice.finish_reason = "tool_calls" if reason == "STOP" and choice.calls else \
                 FINISH_REASONS.get(reason, reason)
 
-    @staticmethod
-    def _text(candidate: Candidate, choice: ChoiceState, text: str, thought: bool, signature: str | None) -> None:
-        (choice.reasoning_content if thought else choice.content).append(text)
-        parts = candidate.parts
-        run = parts[-1] if parts else None
-        if type(run) is not TextRun or run.thought != thought or (signature is not None and run.signature is not None):
-            run = TextRun(thought)
-            parts.append(run)
-        if text:
-            run.parts.append(text)
-        if signature is not None:
-            run.signature = signature
 
     def _call(self, candidate: Candidate, choice: ChoiceState, part: dict[str, Any], args: PartialArguments,
               arguments: str | None) -> None:

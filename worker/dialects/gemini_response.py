@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.choice import ToolCallBuffer
+from worker.choice import TextField, ToolCallBuffer
 from worker.dialects.gemini_partial_args import PartialArguments
 
 CALL_STREAM_KEYS = ("partialArgs", "willContinue")  # how a call streams: not part of the call it becomes
@@ -58,6 +58,20 @@ class Candidate:
         self.content: dict[str, Any] = {}  # the content's own fields (role), parts rendered in
         self.parts: list[TextRun | Call | dict[str, Any]] = []
         self.streamed: Call | None = None  # a Vertex call whose arguments are still streaming
+
+    def add_text(self, field: TextField, text: str, thought: bool, signature: str | None) -> None:
+        """A text part: into the choice's field, and joined to the text run it continues (a new run when the
+        last part is of another kind, or both it and this part carry a signature)."""
+        field.seen = True
+        run = self.parts[-1] if self.parts else None
+        if type(run) is not TextRun or run.thought != thought or (signature is not None and run.signature is not None):
+            run = TextRun(thought)
+            self.parts.append(run)
+        if text:
+            field.parts.append(text)
+            run.parts.append(text)
+        if signature is not None:
+            run.signature = signature
 
     def render(self) -> dict[str, Any]:
         parts = [part.render() if isinstance(part, (TextRun, Call)) else part for part in self.parts]
