@@ -43,7 +43,7 @@ class _Block:
     parts, a tool call's arguments, or nowhere (a server tool's input stays in ``native``).
     """
 
-    __slots__ = ("kind", "data", "parts", "signature", "citations", "call", "open", "streams", "key", "target")
+    __slots__ = ("kind", "data", "parts", "signature", "citations", "call", "streams", "key", "target")
 
     def __init__(self, kind: str, data: dict[str, Any], call: ToolCallBuffer | None,
                  target: list[str] | None) -> None:
@@ -53,7 +53,6 @@ class _Block:
         self.signature: str | None = None
         self.citations: list[Any] = []
         self.call = call  # only for tool_use: the client's tools are the completion's tool calls
-        self.open = True
         # tool_use, server_tool_use and the like have an input, and stream it as JSON
         streams: tuple[str | None, str] = _STREAMS.get("input" if "input" in data else kind, (None, ""))
         self.streams, self.key = streams
@@ -74,6 +73,7 @@ class AnthropicDialect(Dialect):
         self._choice: ChoiceState | None = None
         self._message: dict[str, Any] | None = None
         self._blocks: dict[int, _Block] = {}
+        self._open: dict[int, _Block] = {}  # the blocks started and not yet stopped
         self._delta: dict[str, Any] = {}  # message_delta's stop_reason, stop_sequence and the like
         self._usage: dict[str, Any] = {}  # message_start's usage, updated by message_delta's
 
@@ -86,8 +86,8 @@ class AnthropicDialect(Dialect):
         kind = event.get("type")
         if kind == "content_block_delta":  # nearly every event: handled here, without a further call
             index, delta = event.get("index"), event.get("delta")
-            block = self._blocks.get(index) if type(index) is int else None
-            if block is None or not block.open or type(delta) is not dict:
+            block = self._open.get(index) if type(index) is int else None
+            if block is None or type(delta) is not dict:
                 self._bad_delta(event, position)
             dkind = delta.get("type")
             if dkind == block.streams:  # the block's own text, thinking or input JSON
@@ -184,16 +184,16 @@ class AnthropicDialect(Dialect):
             field = choice.content if kind == "text" else choice.reasoning_content
             field.append(text or thinking or "")
             target = field.parts
-        block = self._blocks[index] = _Block(kind, data, call, target)
+        block = self._blocks[index] = self._open[index] = _Block(kind, data, call, target)
         if text or thinking:
             block.parts.append(text or thinking or "")
 
     def _block_stop(self, event: dict[str, Any], position: int) -> None:
         index = expect(event.get("index"), int, position, "index", "an integer")
-        block = self._blocks.get(index)
-        if block is None or not block.open:
+        block = self._open.get(index)
+        if block is None:
             reject(position, f"content_block_stop for block {index}, which "
-                             f"{'never started' if block is None else 'had stopped already'}")
+                             f"{'never started' if index not in self._blocks else 'had stopped already'}")
         call = block.call
         whole = None
         if call is not None and not call.arguments:  # no input_json_delta: the start's input is the input
@@ -201,7 +201,7 @@ class AnthropicDialect(Dialect):
                 whole = orjson.dumps(block.data.get("input") or {}).decode()
             except orjson.JSONEncodeError as exc:
                 reject(position, f"the tool input of block {index} cannot be written as JSON ({exc})")
-        block.open = False
+        del self._open[index]
         if call is not None:
             if whole is not None:
                 call.arguments.append(whole)
@@ -222,12 +222,12 @@ class AnthropicDialect(Dialect):
     def _bad_delta(self, event: dict[str, Any], position: int) -> NoReturn:
         """Raise a ChunkError saying what is wrong with a content_block_delta."""
         index, delta = event.get("index"), event.get("delta")
-        block = self._blocks.get(index) if type(index) is int else None
         if type(index) is not int:
             reject(position, f"content_block_delta index must be an integer, got {index!r:.40}")
-        if block is None or not block.open:
+        block = self._open.get(index)
+        if block is None:
             reject(position, f"content_block_delta for block {index}, which "
-                             f"{'never started' if block is None else 'had stopped already'}")
+                             f"{'never started' if index not in self._blocks else 'had stopped already'}")
         if type(delta) is not dict:
             reject(position, f"content_block_delta delta must be an object, got {delta!r:.60}")
         reject(position, f"a {delta.get('type')!r:.40} delta cannot apply to block {index} ({block.kind}), "
