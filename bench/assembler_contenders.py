@@ -1,19 +1,30 @@
-"""The contenders of bench/assembler.py: the orjson floor, Streamfold, and three peer accumulators.
+"""The contenders of bench/assembler.py: the orjson floor, Streamfold, and the peer accumulators.
 
 Each folds one stream of raw chunk bytes into its final result, paying for turning the bytes into its own
-natural input; each peer also says how to read the facts the correctness table compares out of its result.
+natural input; each chat peer also says how to read the facts the correctness table compares out of its
+result. ``baseline`` loads Streamfold's Assembler as it was at a git revision, so a change is measured
+before and after in one run; ``native_contenders`` are the rows of each native dialect's table.
 """
 
 from __future__ import annotations
 
+import importlib
+import io
 import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from worker import Assembler
+
+ROOT = Path(__file__).resolve().parent.parent
 
 Stream = list[bytes]
 # (index, content, finish_reason, ((id, name, arguments), ...)) per choice, and (prompt, completion, total).
@@ -38,6 +49,35 @@ def streamfold(stream: Stream) -> Any:
     for raw in stream:
         assembler.feed(raw)
     return assembler.result()
+
+
+def baseline(revision: str) -> Contender:
+    """Streamfold's Assembler at a git revision, imported beside the current one (same streamfold package)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "worker"], check=True,
+                             capture_output=True).stdout
+    current = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "worker"}
+    with tempfile.TemporaryDirectory() as folder:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
+        for name in current:
+            del sys.modules[name]
+        sys.path.insert(0, folder)
+        try:
+            old = importlib.import_module("worker.assembler").Assembler
+        finally:
+            sys.path.remove(folder)
+            for name in [name for name in sys.modules if name.split(".")[0] == "worker"]:
+                del sys.modules[name]
+            sys.modules.update(current)
+
+    def fold(stream: Stream) -> Any:
+        assembler = old()
+        for raw in stream:
+            assembler.feed(raw)
+        return assembler.result()
+
+    return Contender(f"Streamfold Assembler at {revision}", "the same, as the code was at that revision", fold,
+                     lambda record: completion_outcome(record["completion"]))
 
 
 def completion_outcome(completion: dict[str, Any]) -> Outcome:
@@ -185,3 +225,77 @@ def contenders() -> tuple[list[Contender], list[str]]:
         except ImportError:
             missing.append(name)
     return found, missing
+
+
+# --- native dialects --------------------------------------------------------------------------------------
+
+
+def native_contenders(dialect: str) -> tuple[list[Contender], str | None]:
+    """The floor, Streamfold with the dialect named, and the dialect's SDK accumulator (or why there is none)."""
+
+    def fold(stream: Stream) -> Any:
+        assembler = Assembler(format=dialect)  # type: ignore[arg-type]
+        for raw in stream:
+            assembler.feed(raw)
+        return assembler.result()
+
+    rows = [Contender("orjson.loads floor", "orjson.loads of each event, nothing else", orjson_floor),
+            Contender("Streamfold Assembler", f"Assembler(format={dialect!r}).feed(bytes) per event + .result() "
+                      "per stream", fold)]
+    try:
+        if dialect == "anthropic":
+            rows += anthropic_sdk()
+        elif dialect == "responses":
+            rows.append(responses_sdk())
+        else:
+            return rows, "google-genai has no stream accumulator: its stream yields each chunk as it is"
+    except ImportError as exc:
+        return rows, f"not installed ({exc.name})"
+    return rows, None
+
+
+def anthropic_sdk() -> list[Contender]:
+    """The SDK's accumulator alone, and the whole per-event path of its MessageStream helper."""
+    from anthropic._models import construct_type
+    from anthropic.lib.streaming._messages import accumulate_event, build_events
+    from anthropic.types import RawMessageStreamEvent
+
+    def accumulator(stream: Stream) -> Any:
+        snapshot, json_bufs = None, {}
+        for raw in stream:
+            event = construct_type(type_=RawMessageStreamEvent, value=orjson.loads(raw))
+            snapshot = accumulate_event(event=event, current_snapshot=snapshot, json_bufs=json_bufs)
+        return snapshot
+
+    def message_stream(stream: Stream) -> Any:
+        snapshot, json_bufs = None, {}
+        for raw in stream:
+            data = orjson.loads(raw)
+            if data.get("type") == "ping":  # its Stream drops pings before they are built
+                continue
+            event = construct_type(type_=RawMessageStreamEvent, value=data)
+            snapshot = accumulate_event(event=event, current_snapshot=snapshot, json_bufs=json_bufs)
+            build_events(event=event, message_snapshot=snapshot)
+        return snapshot
+
+    return [Contender("Anthropic SDK accumulate_event", "orjson.loads + construct_type(RawMessageStreamEvent) + "
+                      "accumulate_event per event", accumulator),
+            Contender("Anthropic SDK, events as its MessageStream handles them", "the same + build_events per "
+                      "event (the text/input_json events with snapshots the helper yields); pings dropped first",
+                      message_stream)]
+
+
+def responses_sdk() -> Contender:
+    from openai._models import construct_type
+    from openai._types import omit
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    from openai.types.responses import ResponseStreamEvent
+
+    def fold(stream: Stream) -> Any:
+        state: Any = ResponseStreamState(input_tools=omit, text_format=omit)
+        for raw in stream:
+            state.handle_event(construct_type(type_=ResponseStreamEvent, value=orjson.loads(raw)))
+        return state._completed_response
+
+    return Contender("OpenAI SDK ResponseStreamState", "orjson.loads + construct_type(ResponseStreamEvent) + "
+                     "handle_event per event, as the SDK's ResponseStream does", fold)

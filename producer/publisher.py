@@ -25,7 +25,7 @@ from redis.typing import EncodableT, FieldT
 
 from streamfold import contract
 from streamfold.connection import redis_errors
-from streamfold.contract import Mode, validate_request_id
+from streamfold.contract import Format, Mode, validate_request_id
 from streamfold.errors import ContractError
 from streamfold.keys import Keys
 from streamfold.settings import STREAM_MAX_AGE
@@ -127,9 +127,12 @@ class Publisher:
         """Entries waiting to be sent."""
         return self._buffered
 
-    def start(self, request_id: str, meta: Mapping[str, Any] | None = None, mode: Mode = "auto", *,
-              token: str | None = None) -> None:
+    def start(self, request_id: str, meta: Mapping[str, Any] | None = None, mode: Mode = "auto",
+              format: Format | None = None, *, token: str | None = None) -> None:
         """Open a request: claim its id, write its start envelope and its control entry, in one step.
+
+        ``format`` names the chunks' dialect (``chat``, ``anthropic``, ``responses``, ``gemini``); None lets
+        the worker recognise it from the first chunk.
 
         ``token`` names the producer that owns the request id (default: one made up for this publisher's
         start). Starting again with the same token is harmless - a retry after a lost reply, a re-run of the
@@ -141,7 +144,7 @@ class Publisher:
             raise ContractError(f"request meta must be a mapping, got {type(meta).__name__}")
         known = self._requests.get(request_id)
         token = token or (known.token if known is not None and known.token else secrets.token_hex(16))
-        start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms(), token=token)
+        start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms(), token=token, format=format)
         keys, shard = self._keys, self._keys.shard(request_id)
         fields = [part for pair in start.items() for part in pair]
         control = [part for pair in contract.encode_control(request_id, ts=start["ts"]).items() for part in pair]

@@ -2,17 +2,21 @@
 
 A request's chunk stream holds *envelopes*, flat Redis stream entries::
 
-    k=start  att=<n> ts=<ms> d=<json {"meta": {...}, "mode": "auto|incremental|cumulative", "token": "..."}>
+    k=start  att=<n> ts=<ms> d=<json {"meta": {...}, "mode": "auto|incremental|cumulative", "format": ...,
+                                      "token": ...}>
     k=chunk  att=<n> ts=<ms> seq=<n> d=<the raw chunk payload, byte for byte as received>
     k=end    att=<n> ts=<ms>
     k=error  att=<n> ts=<ms> d=<json {"message": ..., "type": ..., "status": ..., "code": ...}>
     k=final  att=0   ts=<ms> d=<status>      written by the worker that published the result, never a producer
 
-``att`` is the upstream attempt: a retry after chunks were pushed starts attempt n+1, and a worker assembles
-only the latest attempt. ``seq`` numbers chunks within an attempt from 0; a repeated (att, seq) is a
+``format`` (optional; absent means "recognise it from the stream") names the dialect of the chunks:
+``chat`` (OpenAI-compatible chat.completion.chunk), ``anthropic`` (Messages events), ``responses`` (OpenAI
+Responses events) or ``gemini`` (GenerateContentResponse chunks). ``att`` is the upstream attempt: a retry
+after chunks were pushed starts attempt n+1, and a worker assembles only the latest attempt. ``seq`` numbers chunks within an attempt from 0; a repeated (att, seq) is a
 duplicate from a producer retry and is dropped. The ``final`` entry closes the stream for followers: it
-follows the result's publication in the same atomic step, so whoever reads it finds the result record. ``att``, ``seq`` and ``ts`` are non-negative integers below
-2**63, so every record that carries them can be encoded. The start's ``token`` names the producer that
+follows the result's publication in the same atomic step, so whoever reads it finds the result record.
+``att``, ``seq`` and ``ts`` are non-negative integers below 2**63, so every record that carries them can be
+encoded. The start's ``token`` names the producer that
 owns the request id: a start written again with the same token is a retry or a re-run of the same request,
 one with another token is a second request reusing the id, which fails.
 
@@ -39,7 +43,10 @@ from streamfold.errors import ContractError
 Kind = Literal["start", "chunk", "end", "error", "final"]
 Mode = Literal["auto", "incremental", "cumulative"]
 Status = Literal["completed", "incomplete", "failed"]
+# The stream dialects a worker assembles; worker/dialects/ has one module per name.
+Format = Literal["chat", "anthropic", "responses", "gemini"]
 MODES: tuple[str, ...] = get_args(Mode)
+FORMATS: tuple[str, ...] = get_args(Format)
 KINDS: tuple[str, ...] = get_args(Kind)
 
 Fields = dict[bytes, bytes]
@@ -66,11 +73,16 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """What a start envelope carries: request metadata, the output mode of the upstream, and the token of
-    the producer that owns the request id (None from producers that do not send one)."""
+    """What a start envelope carries: request metadata, the output mode and the dialect of the upstream, and
+    the token of the producer that owns the request id.
+
+    ``format`` None: the worker recognises the dialect from the stream's first chunk. ``token`` None: a
+    producer that sends none.
+    """
 
     meta: dict[str, Any]
     mode: Mode
+    format: Format | None = None
     token: str | None = None
 
 
@@ -82,11 +94,18 @@ class ErrorInfo(TypedDict, total=False):
 
 
 class ResultRecord(TypedDict):
-    """One per request. ``completion`` is exactly what the non-streaming call would have returned."""
+    """One per request. ``completion`` is exactly what the non-streaming call would have returned.
+
+    ``completion`` is a chat.completion whatever the dialect; ``native`` is the final object as the
+    dialect's own API returns it without streaming (Anthropic ``Message``, Responses ``Response``, Gemini
+    ``GenerateContentResponse``), or None for chat chunks, whose native object is ``completion`` itself.
+    """
 
     request_id: str
     status: Status
+    format: Format
     completion: dict[str, Any]
+    native: dict[str, Any] | None
     error: ErrorInfo | None
     warnings: list[str]
     metrics: dict[str, Any]
@@ -94,7 +113,13 @@ class ResultRecord(TypedDict):
 
 
 class UsageEvent(TypedDict):
-    """One per request, for analytics. Token counts are the upstream's own, never recomputed.
+    """One per request, for analytics. Token counts are the upstream's own, never summed.
+
+    The counts are in the chat shape for every dialect, so analytics needs no per-provider code:
+    ``prompt_tokens`` includes cached input (Anthropic's cache reads and writes, which it reports apart from
+    ``input_tokens``, are added in), with the split in ``prompt_tokens_details``; ``completion_tokens``
+    includes reasoning, with ``completion_tokens_details.reasoning_tokens``. ``usage`` is the provider's own
+    usage object, verbatim (a chat usage, Anthropic ``usage``, Responses ``usage``, Gemini ``usageMetadata``).
 
     Times come from the producer's envelope timestamps: ``latency_ms`` from the start envelope to the end or
     error envelope, ``ttft_ms`` from the start to the first chunk of the attempt assembled; None when the
@@ -103,10 +128,13 @@ class UsageEvent(TypedDict):
 
     request_id: str
     status: Status
+    format: Format
     model: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
+    prompt_tokens_details: dict[str, Any] | None
+    completion_tokens_details: dict[str, Any] | None
     usage: dict[str, Any] | None
     latency_ms: float | None
     ttft_ms: float | None
@@ -143,11 +171,15 @@ def decode_request_id(raw: bytes) -> str:
 # --- envelopes ------------------------------------------------------------------------------------------
 
 def encode_start(meta: dict[str, Any], mode: Mode, *, attempt: int, ts_ms: int,
-                 token: str | None = None) -> dict[str, bytes]:
-    """The start envelope; ContractError for an unknown mode or meta that is not JSON."""
+                 format: Format | None = None, token: str | None = None) -> dict[str, bytes]:
+    """The start envelope; ContractError for an unknown mode or format, or meta that is not JSON."""
     if mode not in MODES:
         raise ContractError(f"unknown output mode {mode!r}; expected one of {', '.join(MODES)}")
     body: dict[str, Any] = {"meta": meta, "mode": mode}
+    if format is not None:
+        if format not in FORMATS:
+            raise ContractError(f"unknown stream format {format!r}; expected one of {', '.join(FORMATS)}")
+        body["format"] = format
     if token is not None:
         body["token"] = token
     try:
@@ -197,10 +229,11 @@ def _counter(raw: bytes) -> int:
 
 def decode_start(envelope: Envelope) -> Start:
     body = _load_object(envelope.payload, "start envelope")
-    meta, mode, token = body.get("meta") or {}, body.get("mode", "auto"), body.get("token")
-    if not isinstance(meta, dict) or mode not in MODES or not isinstance(token, (str, type(None))):
+    meta, mode, format, token = body.get("meta") or {}, body.get("mode", "auto"), body.get("format"), body.get("token")
+    if (not isinstance(meta, dict) or mode not in MODES or (format is not None and format not in FORMATS)
+            or not isinstance(token, (str, type(None)))):
         raise ContractError(f"bad start envelope: {envelope.payload!r:.200}")
-    return Start(meta, cast(Mode, mode), token)
+    return Start(meta, cast(Mode, mode), cast("Format | None", format), token)
 
 
 def decode_error(envelope: Envelope) -> ErrorInfo:

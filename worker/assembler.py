@@ -1,7 +1,10 @@
-"""The Assembler: fold a stream of chat.completion.chunk objects into the completion it stands for.
+"""The Assembler: fold a stream of chunks or events into the completion it stands for.
 
 Pure: no I/O, no clock, no logging. Feed it chunks in order, ask it for the result record at any time.
-The rules it follows, quirk by quirk, are in docs/assembly.md.
+The stream's dialect - OpenAI-compatible chat chunks, Anthropic Messages events, OpenAI Responses events or
+Gemini chunks - is given (``format=``) or recognised from the first chunk; each dialect is a module of
+``worker/dialects`` that folds its events into one shared state (``worker/choice.py``), from which the
+chat.completion is built the same way for all. The rules, dialect by dialect, are in docs/assembly.md.
 
 Each chunk is checked whole before any of it is applied, so a rejected chunk (``ChunkError``) leaves the
 assembler exactly as it was, and a caller can dead-letter that chunk and carry on or stop.
@@ -9,59 +12,67 @@ assembler exactly as it was, and a caller can dead-letter that chunk and carry o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 
-from streamfold.contract import MODES, ErrorInfo, Mode, ResultRecord
+from streamfold.contract import FORMATS, MODES, Format, Mode, ResultRecord, Status
 from streamfold.errors import ChunkError
-from worker.choice import ChoiceState, merge_field
-from worker.chunk_checks import META_TYPES, check_choices, check_tool_calls, check_top_level, meta_types_ok
+from worker.choice import CompletionState, normalize_error
+from worker.dialects import Dialect, dialect_named, recognize
 
 _OPEN_BRACE = (b"{", "{")  # bytes first: what a worker reads from Redis
-_TOP_LEVEL = frozenset({"choices", "usage", "error", "service_tier", "object", *META_TYPES})
 
 
 class Assembler:
-    """Assembles one request's stream. ``mode``: ``auto`` (default), ``incremental`` or ``cumulative``."""
+    """Assembles one request's stream.
 
-    def __init__(self, mode: Mode = "auto") -> None:
+    ``mode``: ``auto`` (default), ``incremental`` or ``cumulative``, for chat chunks' text. ``format``:
+    ``chat``, ``anthropic``, ``responses`` or ``gemini``; None (default) recognises it from the first chunk.
+    ``state`` is the shared assembly state, which a follower may read after each chunk (see
+    ``worker/choice.py`` for what it may rely on).
+    """
+
+    def __init__(self, mode: Mode = "auto", format: Format | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if format is not None and format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
         self.mode: Mode = mode
+        self.state = CompletionState()
+        self._dialect: Dialect | None = None
         self._fed = 0
         self._applied = 0
-        self._id: str | None = None
-        self._model: str | None = None
-        self._created: int | None = None
-        self._fingerprint: str | None = None
-        self._service_tier: str | None = None
-        self._usage: dict[str, Any] | None = None
-        self._error: ErrorInfo | None = None
-        self._extra: dict[str, Any] = {}
-        self._choices: dict[int, ChoiceState] = {}
-        self._meta_missing = True
         self._next_is_error = False
+        self._apply: Callable[[dict[str, Any], int], None] = self._recognize
+        if format is not None:
+            self._use(dialect_named(format)(self.state))
 
     # --- input -----------------------------------------------------------------------------------------
 
     def feed(self, chunk: Any) -> None:
         """Apply one chunk: bytes/str JSON, an SSE line, a dict, or an object with ``model_dump()``."""
         position = self._fed
-        self._fed += 1
+        self._fed = position + 1
+        is_error = self._next_is_error
+        if is_error:
+            self._next_is_error = False  # only the very next data line
         kind = type(chunk)
-        is_error, self._next_is_error = self._next_is_error, False  # only the very next data line
         if kind is bytes or kind is str:
-            text = chunk
-            if text[:1] not in _OPEN_BRACE:
-                text = self._sse_line(text.strip(), position, is_error)
+            try:  # a chunk is almost always a bare JSON object: parsed first, SSE lines are the exception
+                obj = orjson.loads(chunk)
+            except orjson.JSONDecodeError as exc:
+                text = chunk.strip()
+                if text[:1] in _OPEN_BRACE:
+                    raise ChunkError(f"not JSON ({exc}): {_preview(text)}", position) from None
+                text = self._sse_line(text, position, is_error)
                 if text is None:
                     return
-            try:
-                obj = orjson.loads(text)
-            except orjson.JSONDecodeError as exc:
-                raise ChunkError(f"not JSON ({exc}): {_preview(text)}", position) from None
+                try:
+                    obj = orjson.loads(text)
+                except orjson.JSONDecodeError as inner:
+                    raise ChunkError(f"not JSON ({inner}): {_preview(text)}", position) from None
         elif kind is dict:
             obj = chunk
         elif callable(getattr(chunk, "model_dump", None)):
@@ -75,10 +86,26 @@ class Assembler:
             self.fail(obj)
             return
         self._apply(obj, position)
+        self._applied += 1
 
     def fail(self, error: dict[str, Any] | str) -> None:
         """Record an upstream error: the result becomes ``failed``, partial output kept."""
-        self._error = normalize_error(error)
+        self.state.fail(error)
+
+    def _recognize(self, event: dict[str, Any], position: int) -> None:
+        """Apply the first event with the dialect it is in; only once it was accepted is that the stream's."""
+        dialect = recognize(event)(self.state)
+        dialect.apply(event, position)
+        self._use(dialect)
+
+    def _use(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._apply = dialect.apply
+
+    @property
+    def format(self) -> Format:
+        """The stream's dialect: given, recognised from the first chunk, or ``chat`` until one arrived."""
+        return "chat" if self._dialect is None else self._dialect.name
 
     def _sse_line(self, line: str | bytes, position: int, is_error: bool) -> str | bytes | None:
         """The JSON of a ``data:`` line, or None for lines that carry no chunk.
@@ -106,86 +133,6 @@ class Assembler:
             return None
         raise ChunkError(f"not JSON and not an SSE line: {_preview(line)}", position)
 
-    def _apply(self, chunk: dict[str, Any], position: int) -> None:
-        # Read and check everything first, mutate after: a rejected chunk must change nothing.
-        get = chunk.get
-        choices, usage, error = get("choices"), get("usage"), get("error")
-        fingerprint = get("system_fingerprint") if self._fingerprint is None else None
-        if ((choices is not None and type(choices) is not list) or (usage is not None and type(usage) is not dict)
-                or error is not None or (fingerprint is not None and type(fingerprint) is not str)
-                or (self._meta_missing and not meta_types_ok(chunk))):
-            check_top_level(chunk, position)  # names what is wrong; an error that is fine is applied below
-        tier = get("service_tier")
-        extra = None
-        if not chunk.keys() <= _TOP_LEVEL:  # a provider's own fields: rare, so found by one set test
-            extra = [(key, value) for key, value in chunk.items() if key not in _TOP_LEVEL and value is not None]
-        simple = _read_plain_choice(choices[0]) if choices and len(choices) == 1 else None
-        if simple is None:
-            if choices:
-                check_choices(choices, position)
-            elif "choices" not in chunk and usage is None and error is None:
-                check_top_level(chunk, position)
-        elif simple[7] is not None:
-            check_tool_calls(simple[7], position)
-
-        self._applied += 1
-        if self._meta_missing:
-            self._take_meta(chunk)
-        if fingerprint:
-            self._fingerprint = fingerprint
-        if simple is not None:
-            index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls = simple
-            self._apply_plain_choice(index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls)
-        elif choices:
-            for choice in choices:
-                _apply_choice(self._choice(choice.get("index") or 0), choice)
-        if usage is not None:
-            self._usage = usage
-        if tier is not None:
-            self._service_tier = tier
-        if error is not None:
-            self.fail(error)
-        if extra is not None:
-            for key, value in extra:
-                merge_field(self._extra, key, value)
-
-    def _apply_plain_choice(self, index: int, finish: str | None, content: str | None, role: str | None,
-                            reasoning_content: str | None, reasoning: str | None, refusal: str | None,
-                            tool_calls: list[Any] | None) -> None:
-        state = self._choice(index)
-        if content is not None:
-            state.content.add(content)
-        if role and state.role is None:
-            state.role = role
-        if reasoning_content is not None:
-            state.reasoning_content.add(reasoning_content)
-        if reasoning is not None:
-            state.reasoning.add(reasoning)
-        if refusal is not None:
-            state.refusal.add(refusal)
-        if tool_calls is not None:
-            for fragment in tool_calls:
-                state.add_tool_call(fragment)
-        if finish is not None:
-            state.finish_reason = finish
-
-    def _choice(self, index: int) -> ChoiceState:
-        state = self._choices.get(index)
-        if state is None:
-            state = self._choices[index] = ChoiceState(index)
-        return state
-
-    def _take_meta(self, chunk: dict[str, Any]) -> None:
-        """id, model, created: the first non-empty value of each."""
-        if self._id is None:
-            self._id = chunk.get("id") or None
-        if self._model is None:
-            self._model = chunk.get("model") or None
-        if self._created is None:
-            self._created = chunk.get("created") or None
-        # The fingerprint is looked for apart: many providers never send one.
-        self._meta_missing = None in (self._id, self._model, self._created)
-
     # --- output ----------------------------------------------------------------------------------------
 
     @property
@@ -193,156 +140,42 @@ class Assembler:
         """Chunks applied so far."""
         return self._applied
 
+    @property
+    def text_mode(self) -> Mode:
+        """How the text fields read: the output mode for chat chunks; native dialects stream increments."""
+        dialect = self._dialect
+        return self.mode if dialect is None or dialect.follows_mode else "incremental"
+
     def completion(self, warnings: list[str] | None = None) -> dict[str, Any]:
         """The chat.completion so far, shaped as the non-streaming call would have returned it."""
-        warnings = [] if warnings is None else warnings
-        completion: dict[str, Any] = {"id": self._id or "", "object": "chat.completion",
-                                      "created": self._created or 0, "model": self._model or ""}
-        if self._fingerprint is not None:
-            completion["system_fingerprint"] = self._fingerprint
-        if self._service_tier is not None:
-            completion["service_tier"] = self._service_tier
-        completion["choices"] = [self._choices[index].to_dict(self.mode, warnings)
-                                 for index in sorted(self._choices)]
-        completion["usage"] = self._usage
-        completion.update(self._extra)
-        return completion
+        return self.state.to_completion(self.text_mode, [] if warnings is None else warnings)
 
-    def status(self) -> str:
-        if self._error is not None:
-            return "failed"
-        choices = self._choices.values()
-        if choices and all(choice.finish_reason is not None for choice in choices):
-            return "completed"
-        return "incomplete"
+    def native(self, warnings: list[str] | None = None) -> dict[str, Any] | None:
+        """The dialect's own final object so far (Anthropic Message, Responses Response, Gemini response)."""
+        return None if self._dialect is None else self._dialect.native([] if warnings is None else warnings)
+
+    def status(self) -> Status:
+        """``completed``, ``incomplete`` or ``failed``, by the rules of ``CompletionState.status``."""
+        return self.state.status()
 
     def result(self, request_id: str = "", meta: dict[str, Any] | None = None) -> ResultRecord:
         """The result record of the stream so far; call it at the end, or mid-stream for a snapshot."""
-        warnings: list[str] = []
+        state = self.state
+        warnings = list(state.warnings)
         completion = self.completion(warnings)
-        return ResultRecord(request_id=request_id, status=self.status(),  # type: ignore[typeddict-item]
-                            completion=completion, error=self._error, warnings=warnings,
+        native = self.native(warnings)
+        return ResultRecord(request_id=request_id, status=state.status(), format=self.format,
+                            completion=completion, native=native, error=state.error, warnings=warnings,
                             metrics={"chunks": self._applied}, meta=dict(meta or {}))
 
 
-def assemble(chunks: Iterable[Any], *, mode: Mode = "auto", request_id: str = "",
+def assemble(chunks: Iterable[Any], *, mode: Mode = "auto", format: Format | None = None, request_id: str = "",
              meta: dict[str, Any] | None = None) -> ResultRecord:
     """Assemble a whole stream at once; raises ChunkError on the first chunk that cannot be read."""
-    assembler = Assembler(mode)
+    assembler = Assembler(mode, format)
     for chunk in chunks:
         assembler.feed(chunk)
     return assembler.result(request_id, meta)
-
-
-def normalize_error(error: dict[str, Any] | str) -> ErrorInfo:
-    """An upstream error in the record's shape: message, type, code, status."""
-    if isinstance(error, str):
-        return ErrorInfo(message=error, type="upstream_error", code=None, status=None)
-    inner = error.get("error")
-    if isinstance(inner, dict):
-        error = inner
-    message = error.get("message") or error.get("detail") or orjson.dumps(error).decode()
-    status = error.get("status")
-    code = error.get("code")
-    return ErrorInfo(message=str(message), type=str(error.get("type") or "upstream_error"),
-                     code=None if code is None else str(code),
-                     status=status if isinstance(status, int) else None)
-
-
-PlainChoice = tuple[int, str | None, str | None, str | None, str | None, str | None, str | None, list[Any] | None]
-
-
-def _read_plain_choice(choice: Any) -> PlainChoice | None:
-    """The common case, read and checked in one pass: a choice whose delta holds only text and tool calls.
-
-    Returns (index, finish_reason, content, role, reasoning_content, reasoning, refusal, tool_calls), or None
-    when the choice needs the general path (logprobs, content parts, unknown fields, wrong types). The tool
-    calls, when there are any, are still to be checked with ``check_tool_calls``.
-    """
-    if type(choice) is not dict:
-        return None
-    index, finish, delta = 0, None, None
-    for key, value in choice.items():
-        if value is None:
-            continue
-        if key == "delta":
-            if type(value) is not dict:
-                return None
-            delta = value
-        elif key == "index":
-            if type(value) is not int:
-                return None
-            index = value
-        elif key == "finish_reason":
-            if type(value) is not str:
-                return None
-            finish = value
-        else:
-            return None
-    content = role = reasoning_content = reasoning = refusal = tool_calls = None
-    if delta:
-        for key, value in delta.items():
-            if value is None:
-                continue
-            if type(value) is not str:
-                if key == "tool_calls" and type(value) is list:
-                    tool_calls = value
-                    continue
-                return None
-            if key == "content":
-                content = value
-            elif key == "role":
-                role = value
-            elif key == "reasoning_content":
-                reasoning_content = value
-            elif key == "reasoning":
-                reasoning = value
-            elif key == "refusal":
-                refusal = value
-            else:
-                return None
-    return index, finish, content, role, reasoning_content, reasoning, refusal, tool_calls
-
-
-def _apply_choice(state: ChoiceState, choice: dict[str, Any]) -> None:
-    for key, value in choice.items():
-        if value is None:
-            continue
-        if key == "delta":
-            _apply_delta(state, value)
-        elif key == "finish_reason":
-            state.finish_reason = value
-        elif key == "logprobs":
-            state.add_logprobs(value)
-        elif key != "index":
-            merge_field(state.extra, key, value)
-
-
-def _apply_delta(state: ChoiceState, delta: dict[str, Any]) -> None:
-    for key, value in delta.items():
-        if value is None:
-            continue
-        if key == "content":
-            if type(value) is str:
-                state.content.add(value)
-            else:
-                state.add_content_parts(value)
-        elif key == "reasoning_content":
-            state.reasoning_content.add(value)
-        elif key == "role":
-            if state.role is None and value:
-                state.role = value
-        elif key == "tool_calls":
-            for fragment in value:
-                state.add_tool_call(fragment)
-        elif key == "refusal":
-            state.refusal.add(value)
-        elif key == "reasoning":
-            state.reasoning.add(value)
-        elif key == "function_call":
-            state.add_function_call(value)
-        elif key != "index":
-            merge_field(state.message_extra, key, value)
 
 
 def _dump_model(chunk: Any) -> Any:
@@ -361,3 +194,6 @@ def _dump_model(chunk: Any) -> Any:
 def _preview(value: Any, limit: int = 120) -> str:
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+__all__ = ["Assembler", "assemble", "normalize_error"]

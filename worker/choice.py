@@ -1,17 +1,31 @@
-"""Per-choice assembly state: text fields that know their output mode, tool-call buffers, and the choice.
+"""The one assembly state every dialect folds into: text fields, tool-call buffers, choices, the completion.
 
-Everything here is plain data with small methods; the Assembler checks each chunk's types before it calls
-anything here, so these methods never see malformed input and never raise on it.
+Everything here is plain data with small methods; a dialect checks each event whole before it calls anything
+here, so these methods never see malformed input and never raise on it. The chat.completion is built from
+this state by one code path (``CompletionState.to_completion``), whichever dialect fed it.
+
+What a follower, feeding events one at a time and diffing this state after each, may rely on (native
+dialects; chat chunks keep the same shapes, but their text may be cumulative - see ``TextField`` - and a
+call's id and name may come after the call appeared, in a later fragment):
+
+- ``CompletionState.choices`` only gains choices; a choice's ``ChoiceState`` object stays the same one.
+- ``TextField.parts`` of ``content``, ``reasoning_content`` and ``refusal`` only grow, by appending; what
+  was appended is never changed or removed. The field's text is the parts joined.
+- ``ChoiceState.calls`` only grows by appending, in the calls' final order. A call's ``id``, ``type`` and
+  ``name`` are set when it is appended; its ``arguments`` parts only grow by appending; ``done`` turns true
+  once, when the dialect knows the call is complete, and nothing is appended after that.
+- ``ChoiceState.finish_reason`` is the chat finish reason, mapped from the provider's.
+- ``CompletionState.usage()`` is the normalized chat usage at any point (None until some count arrived).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from streamfold.contract import Mode
-
+from streamfold.contract import ErrorInfo, Mode, Status
 
 
 class TextField:
@@ -49,6 +63,12 @@ class TextField:
         parts.append(text)
         self.last = text
 
+    def append(self, text: str) -> None:
+        """Add a piece of a text that is known to be incremental: native dialects, no cumulative evidence kept."""
+        self.seen = True
+        if text:
+            self.parts.append(text)
+
     def looks_cumulative(self) -> bool:
         """The ``auto`` rule: unmistakably cumulative, never an ordinary incremental stream."""
         return self.chain and len(self.parts) >= 3 and self.growth >= 2 and self.repeats >= 1
@@ -62,9 +82,13 @@ class TextField:
 
 
 class ToolCallBuffer:
-    """One tool call being assembled: id, type and name are set once; arguments are concatenated."""
+    """One tool call being assembled: id, type and name are set once; arguments are concatenated.
 
-    __slots__ = ("index", "id", "type", "name", "arguments", "extra")
+    ``done`` is set by dialects that say explicitly when a call is complete (Anthropic's
+    ``content_block_stop``, the Responses ``*.done`` events, Gemini's whole calls); chat chunks never do.
+    """
+
+    __slots__ = ("index", "id", "type", "name", "arguments", "extra", "done")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -73,6 +97,7 @@ class ToolCallBuffer:
         self.name: str | None = None
         self.arguments: list[str] = []
         self.extra: dict[str, Any] = {}
+        self.done = False
 
     def apply(self, fragment: dict[str, Any]) -> None:
         for key, value in fragment.items():
@@ -145,6 +170,14 @@ class ChoiceState:
                         if inner.get("type") == "text":
                             self.reasoning_content.add(inner.get("text") or "")
 
+    def open_call(self, call_id: str, name: str) -> ToolCallBuffer:
+        """Append a call a native dialect knows whole from its start: id and name at once."""
+        call = ToolCallBuffer(len(self.calls))
+        call.id, call.type, call.name = call_id, "function", name
+        self.calls.append(call)
+        self.last_call = call
+        return call
+
     def add_tool_call(self, fragment: dict[str, Any]) -> None:
         """Route a fragment to its call: by index, by id, or to the last call when it has no index."""
         index = fragment.get("index")
@@ -213,6 +246,94 @@ class ChoiceState:
                   "logprobs": logprobs}
         choice.update(self.extra)
         return choice
+
+
+class CompletionState:
+    """Everything known so far about the completion, whatever dialect fed it; see the module docstring.
+
+    ``raw_usage`` is the usage as the provider sent it (the last one: running totals are taken, never
+    summed); ``usage_map`` turns a native dialect's usage into the chat shape (None for chat chunks, whose
+    usage is already in it). ``final`` is None for dialects whose end is every choice's finish reason (chat,
+    Gemini), False until the final event of the others (Anthropic ``message_stop``, the Responses
+    ``response.completed``/``incomplete``/``failed``), True after it.
+    """
+
+    __slots__ = ("id", "model", "created", "fingerprint", "service_tier", "raw_usage", "usage_map", "error",
+                 "extra", "choices", "warnings", "final")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.model: str | None = None
+        self.created: int | None = None
+        self.fingerprint: str | None = None
+        self.service_tier: str | None = None
+        self.raw_usage: dict[str, Any] | None = None
+        self.usage_map: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+        self.error: ErrorInfo | None = None
+        self.extra: dict[str, Any] = {}
+        self.choices: dict[int, ChoiceState] = {}
+        self.warnings: list[str] = []  # found while events were applied; the record lists them first
+        self.final: bool | None = None
+
+    def choice(self, index: int) -> ChoiceState:
+        """The choice's state, opened on first use."""
+        state = self.choices.get(index)
+        if state is None:
+            state = self.choices[index] = ChoiceState(index)
+        return state
+
+    def usage(self) -> dict[str, Any] | None:
+        """The usage in the chat shape: prompt_tokens, completion_tokens, total_tokens and their details."""
+        raw, mapping = self.raw_usage, self.usage_map
+        if raw is None or mapping is None:
+            return raw
+        return mapping(raw)
+
+    def fail(self, error: dict[str, Any] | str) -> None:
+        """Record an upstream error: the result becomes ``failed``, partial output kept."""
+        self.error = normalize_error(error)
+
+    def status(self) -> Status:
+        if self.error is not None:
+            return "failed"
+        choices = self.choices.values()
+        if choices and self.final is not False and all(choice.finish_reason is not None for choice in choices):
+            return "completed"
+        return "incomplete"
+
+    def to_completion(self, mode: Mode, warnings: list[str]) -> dict[str, Any]:
+        """The chat.completion so far, shaped as the non-streaming call would have returned it."""
+        completion: dict[str, Any] = {"id": self.id or "", "object": "chat.completion",
+                                      "created": self.created or 0, "model": self.model or ""}
+        if self.fingerprint is not None:
+            completion["system_fingerprint"] = self.fingerprint
+        if self.service_tier is not None:
+            completion["service_tier"] = self.service_tier
+        choices = self.choices
+        completion["choices"] = [choices[index].to_dict(mode, warnings) for index in sorted(choices)]
+        completion["usage"] = self.usage()
+        completion.update(self.extra)
+        return completion
+
+
+def normalize_error(error: dict[str, Any] | str) -> ErrorInfo:
+    """An upstream error in the record's shape: message, type, code, status."""
+    if isinstance(error, str):
+        return ErrorInfo(message=error, type="upstream_error", code=None, status=None)
+    inner = error.get("error")
+    if isinstance(inner, dict):
+        error = inner
+    message = error.get("message") or error.get("detail")
+    if not message:
+        try:
+            message = orjson.dumps(error).decode()
+        except orjson.JSONEncodeError:  # nested past what orjson writes: the error still has to be recorded
+            message = "upstream error"
+    status = error.get("status")
+    code = error.get("code")
+    return ErrorInfo(message=str(message), type=str(error.get("type") or "upstream_error"),
+                     code=None if code is None else str(code),
+                     status=status if isinstance(status, int) and not isinstance(status, bool) else None)
 
 
 def merge_field(target: dict[str, Any], key: str, value: Any) -> None:

@@ -14,7 +14,7 @@ import orjson
 from streamfold.acl import ROLES, setuser
 from streamfold.capture import read_capture
 from streamfold.connection import connect
-from streamfold.contract import MODES
+from streamfold.contract import FORMATS, MODES
 from streamfold.errors import ConfigError, RedisUnavailable, StreamfoldError
 from streamfold.logs import LOG_FORMATS
 from streamfold.settings import load_settings
@@ -65,12 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     assemble = commands.add_parser(
         "assemble", help="assemble captured streams and print one result record per file",
         description=("Read captured streams - JSON Lines (one chunk per line) or SSE text such as `curl -N` "
-                     "prints - and print one result record per file, one JSON object per line. Needs no "
+                     "prints - and print one result record per file, one JSON object per line. The stream "
+                     "may be OpenAI-compatible chat chunks, Anthropic Messages events, OpenAI Responses events "
+                     "or Gemini chunks, told by its first chunk unless --format names one. Needs no "
                      "Redis. Exits 1 if a file cannot be read or holds a chunk that cannot be assembled; "
                      "the error names the file and the chunk's position."))
     assemble.add_argument("files", nargs="+", metavar="FILE", help="a captured stream; - reads stdin")
     assemble.add_argument("--mode", choices=MODES, default="auto",
                           help=MODES_HELP)
+    assemble.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                          help="the stream's dialect: chat (chat.completion.chunk), anthropic (Messages events), "
+                               "responses (OpenAI Responses events), gemini (GenerateContentResponse chunks); "
+                               "auto: told by the first chunk (default)")
     assemble.set_defaults(handler=run_assemble)
 
     run = commands.add_parser(
@@ -209,7 +215,8 @@ def run_assemble(args: argparse.Namespace) -> int:
     failed = False
     for name in args.files:
         try:
-            line = orjson.dumps(_assemble_file(name, args.mode)) + b"\n"
+            record = _assemble_file(name, args.mode, None if args.format == "auto" else args.format)
+            line = orjson.dumps(record) + b"\n"
         except (OSError, StreamfoldError) as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             failed = True
@@ -223,8 +230,8 @@ def run_assemble(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _assemble_file(name: str, mode: Any) -> dict[str, Any]:
-    assembler = Assembler(mode)
+def _assemble_file(name: str, mode: Any, format: Any) -> dict[str, Any]:
+    assembler = Assembler(mode, format)
     stream: BinaryIO = sys.stdin.buffer if name == "-" else open(name, "rb")
     with stream:
         for item in read_capture(stream):

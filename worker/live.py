@@ -33,7 +33,7 @@ import orjson
 
 from streamfold.contract import Fields, Mode
 from worker.assembler import Assembler
-from worker.choice import ChoiceState, TextField, ToolCallBuffer
+from worker.choice import ChoiceState, TextField
 from worker.limits import Limits
 from worker.request import RequestState
 
@@ -204,9 +204,10 @@ class LiveFold:
     def head(self) -> dict[str, Any]:
         """The completion's ``id``, ``created`` and ``model`` as the upstream named them so far."""
         assembler = self._state.assembler
-        completion = {} if assembler is None else head_of(assembler)
-        return {"id": completion.get("id") or "", "created": completion.get("created") or 0,
-                "model": completion.get("model") or ""}
+        if assembler is None:
+            return {"id": "", "created": 0, "model": ""}
+        state = assembler.state
+        return {"id": state.id or "", "created": state.created or 0, "model": state.model or ""}
 
     def final(self, record: dict[str, Any]) -> Final:
         """The last event, once ``closed``: the published result record."""
@@ -215,8 +216,8 @@ class LiveFold:
     # --- diffing ---------------------------------------------------------------------------------------
 
     def _show(self, assembler: Assembler, *, ended: bool) -> None:
-        mode = effective_mode(assembler, self._state.mode)
-        for index, choice in sorted(choices_of(assembler).items()):
+        mode = assembler.text_mode
+        for index, choice in sorted(assembler.state.choices.items()):
             view = self._choices.get(index)
             if view is None:
                 view = self._choices[index] = _ChoiceView()
@@ -228,7 +229,7 @@ class LiveFold:
             if finish is not None and finish != view.finish and not held and calls_done:
                 view.finish = finish
                 self._emit(ChoiceFinished, choice=index, finish_reason=finish)
-        usage = usage_of(assembler)
+        usage = assembler.state.usage()
         if usage is not None and usage != self._usage:
             self._usage = usage
             self._emit(UsageReported, usage=usage)
@@ -275,14 +276,14 @@ class LiveFold:
             seen = view.calls[position]
             if seen.done:
                 continue
-            if not seen.started and (call.name or is_done(call) or ended):
+            if not seen.started and (call.name or call.done or ended):
                 seen.started = True
                 self._emit(ToolCallStarted, choice=choice, index=position, id=call.id, name=call.name or "")
             if seen.started and len(call.arguments) > seen.parts:
                 self._emit(ToolCallArguments, choice=choice, index=position,
                            text="".join(call.arguments[seen.parts:]))
                 seen.parts = len(call.arguments)
-            if seen.started and (is_done(call) or ended):
+            if seen.started and (call.done or ended):
                 seen.done = True
                 arguments = "".join(call.arguments)
                 self._emit(ToolCallDone, choice=choice, index=position, id=call.id, name=call.name or "",
@@ -328,25 +329,3 @@ def parsed_arguments(arguments: str) -> Any:
         return orjson.loads(arguments)
     except orjson.JSONDecodeError:
         return None
-
-
-# --- the assembly state a follower reads -------------------------------------------------------------------
-
-def choices_of(assembler: Assembler) -> dict[int, ChoiceState]:
-    return assembler._choices  # noqa: SLF001
-
-
-def head_of(assembler: Assembler) -> dict[str, Any]:
-    return {"id": assembler._id, "created": assembler._created, "model": assembler._model}  # noqa: SLF001
-
-
-def usage_of(assembler: Assembler) -> dict[str, Any] | None:
-    return assembler._usage  # noqa: SLF001
-
-
-def effective_mode(assembler: Assembler, mode: Mode) -> Mode:
-    return assembler.mode
-
-
-def is_done(call: ToolCallBuffer) -> bool:
-    return False

@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from streamfold.contract import (ErrorInfo, Fields, Mode, ResultRecord, Start, UsageEvent, decode_envelope,
-                                 decode_error, decode_start, encode_record)
+from streamfold.contract import (ErrorInfo, Fields, Format, Mode, ResultRecord, Start, UsageEvent,
+                                 decode_envelope, decode_error, decode_start, encode_record)
 from streamfold.errors import ChunkError, ContractError
 from worker.assembler import Assembler
+from worker.dialects import native_usage
 from worker.limits import Limits
 
 # A dead letter keeps this much of a rejected payload: enough to see what it was, never a copy of a huge one.
@@ -70,6 +71,7 @@ class RequestState:
         self._limits = limits
         self._meta: dict[str, Any] = {}
         self._mode: Mode = "auto"
+        self._format: Format | None = None
         self._token: str | None = None
         self._assembler: Assembler | None = None
         self._attempt = -1
@@ -172,7 +174,7 @@ class RequestState:
 
     def _failed_record(self, error: ErrorInfo, finished_at_ms: int) -> ResultRecord:
         """A record built from nothing the producer sent but the request id and, if it encodes, the meta."""
-        assembler = Assembler(self._mode)
+        assembler = Assembler(self._mode, self._format)
         assembler.fail(dict(error))
         try:
             encode_record(self._meta)
@@ -197,6 +199,7 @@ class RequestState:
                              "first one's stream was open; their chunks cannot be told apart", b"")
             return  # the same producer again: a retried start, or a re-run of the same request
         self._meta, self._mode, self._token, self._start_ts = start.meta, start.mode, start.token, ts_ms
+        self._format = start.format
         if self._assembler is not None:
             self._warnings.append("chunks arrived before the start envelope")
 
@@ -257,22 +260,35 @@ class RequestState:
 
     def _assembly(self) -> Assembler:
         if self._assembler is None:
-            self._assembler = Assembler(self._mode)
+            self._assembler = Assembler(self._mode, self._format)
         return self._assembler
 
 
 def usage_event(record: ResultRecord, finished_at_ms: int) -> UsageEvent:
-    """The analytics view of a finished request: the upstream's own token counts, never recomputed."""
+    """The analytics view of a finished request: the same normalized counts for every dialect.
+
+    The counts come from the completion's chat-shaped usage (see ``UsageEvent``); ``usage`` is the provider's
+    own usage object, verbatim: the chat usage itself for chat chunks, else the native object's.
+    """
     completion, metrics, error = record["completion"], record["metrics"], record["error"]
     usage = completion.get("usage")
     tokens = usage if isinstance(usage, dict) else {}
+    format = record["format"]
+    provider_usage = usage if format == "chat" else native_usage(format, record["native"])
     return UsageEvent(
-        request_id=record["request_id"], status=record["status"], model=completion.get("model") or None,
-        prompt_tokens=_count(tokens.get("prompt_tokens")), completion_tokens=_count(tokens.get("completion_tokens")),
-        total_tokens=_count(tokens.get("total_tokens")), usage=usage if isinstance(usage, dict) else None,
+        request_id=record["request_id"], status=record["status"], format=format,
+        model=completion.get("model") or None, prompt_tokens=_count(tokens.get("prompt_tokens")),
+        completion_tokens=_count(tokens.get("completion_tokens")), total_tokens=_count(tokens.get("total_tokens")),
+        prompt_tokens_details=_details(tokens.get("prompt_tokens_details")),
+        completion_tokens_details=_details(tokens.get("completion_tokens_details")),
+        usage=provider_usage if isinstance(provider_usage, dict) else None,
         latency_ms=metrics.get("duration_ms"), ttft_ms=metrics.get("ttft_ms"), chunks=metrics["chunks"],
         error_type=error.get("type") if error else None, meta=record["meta"], finished_at_ms=finished_at_ms,
     )
+
+
+def _details(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
 
 
 def _count(value: Any) -> int | None:

@@ -46,7 +46,7 @@ def test_start_claims_the_id_and_writes_the_start_envelope_and_the_control_entry
 
     [start] = envelopes(fake_redis, keys, "req-1")
     assert start.kind == "start" and start.attempt == 0
-    assert contract.decode_start(start) == contract.Start({"user": "u1"}, "cumulative", "producer-a")
+    assert contract.decode_start(start) == contract.Start({"user": "u1"}, "cumulative", token="producer-a")
     [control] = control_entries(fake_redis, keys)
     assert control[b"rid"] == b"req-1" and int(control[b"ts"]) == start.ts_ms
     assert fake_redis.get(keys.owner("req-1")) == b"producer-a"

@@ -17,6 +17,7 @@ from worker.live import (AttemptRestarted, ChoiceFinished, Final, LiveEvent, Liv
                          parsed_arguments)
 
 STREAMS = {path.stem: load_jsonl(path) for directory in (RECORDED, SEEDS) for path in sorted(directory.glob("*.jsonl"))}
+NATIVE = {path.stem: load_jsonl(path) for path in sorted((RECORDED.parent / "native").glob("*/*.jsonl"))}
 
 
 def _entries(chunks: list[bytes], *, mode: Mode = "auto", attempt: int = 0, start: bool = True,
@@ -99,6 +100,31 @@ def test_the_events_add_up_to_the_record_for_every_recorded_and_seed_stream(name
                              if choice["text"] or choice["calls"] or choice["finish"]}
     usages = [event.usage for event in events if isinstance(event, UsageReported)]
     assert (usages[-1] if usages else None) == record["completion"]["usage"]
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
+def test_native_streams_speak_the_same_vocabulary_and_add_up_to_the_record(name: str) -> None:
+    chunks = NATIVE[name]
+    events = follow(_entries(chunks))
+    record = assemble(chunks)
+    assert record["format"] != "chat"
+    assert shown(events) == {index: choice for index, choice in expected(record).items()
+                             if choice["text"] or choice["calls"] or choice["finish"]}
+    usages = [event.usage for event in events if isinstance(event, UsageReported)]
+    assert (usages[-1] if usages else None) == record["completion"]["usage"]
+    tokens = [event.token for event in events]
+    for position in range(0, len(events), max(1, len(events) // 7)):
+        assert list(events_after(follow(_entries(chunks)), tokens[position])) == events[position + 1:]
+
+
+def test_a_native_call_is_done_as_soon_as_its_block_closes_not_at_the_end() -> None:
+    chunks = NATIVE["anthropic_parallel_tool_use"]
+    fold = LiveFold("r1")
+    done_at = []
+    for entry_id, fields in _entries(chunks):
+        if any(isinstance(event, ToolCallDone) for event in fold.feed(entry_id, fields)):
+            done_at.append(entry_id)
+    assert len(done_at) == 2 and done_at[0] != done_at[1]  # each when its content_block_stop came
 
 
 @pytest.mark.parametrize("name", ["qwen_mt_plus_cumulative", "openai_parallel_tool_calls", "deepseek_reasoner_tool_call",

@@ -884,7 +884,8 @@ def test_request_id_and_meta_are_carried_into_the_record() -> None:
     record = assemble(chunks, request_id="req-42", meta={"tenant": "acme", "attempt": 2})
     assert record["request_id"] == "req-42"
     assert record["meta"] == {"tenant": "acme", "attempt": 2}
-    assert set(record) == {"request_id", "status", "completion", "error", "warnings", "metrics", "meta"}
+    assert set(record) == {"request_id", "status", "format", "completion", "native", "error", "warnings", "metrics",
+                           "meta"}
 
 
 def test_choice_without_index_is_choice_zero() -> None:
