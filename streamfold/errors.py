@@ -1,7 +1,7 @@
 """Every error Streamfold raises on purpose, under one root.
 
     StreamfoldError
-    ├── ChunkError            a chunk that cannot be read as a chat.completion.chunk (names its position)
+    ├── ChunkError            a chunk that cannot be read in its stream's dialect (names its position)
     ├── ContractError         a Redis entry or record that does not follow the wire contract
     ├── ConfigError           settings that cannot work (bad upstream table, unknown mode, ...)
     ├── RedisUnavailable      Redis cannot serve for now (unreachable, timed out, read-only, loading,
@@ -22,7 +22,7 @@ class StreamfoldError(Exception):
 
 
 class ChunkError(StreamfoldError):
-    """A chunk could not be read; ``position`` is its 0-based place in the stream, when known."""
+    """A chunk (or native event) could not be read; ``position`` is its 0-based place in the stream, when known."""
 
     def __init__(self, message: str, position: int | None = None) -> None:
         self.position = position
