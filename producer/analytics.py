@@ -9,6 +9,9 @@ Two choices a reader of the numbers must know:
   other two. A count an event does not carry (the stream failed or stalled before its usage chunk, or the
   upstream reports none) is *unknown*, not zero: it stays out of the sum and is counted in ``unknown``, so a
   sum whose ``unknown`` is above 0 is a lower bound.
+- Cost is summed per currency from each event's ``cost.total``; an event without a cost (a model without a
+  price, no token counts) is counted in ``unpriced`` instead, so, as with tokens, a sum with unpriced
+  requests is a lower bound.
 - Percentiles are exact, by nearest rank: the p-th percentile of n sorted values is the value at rank
   ceil(p/100 * n), counting from 1. It is always a value that was observed (p50 of 1, 2, 3, 4 is 2). Events
   without the time (``latency_ms`` / ``ttft_ms`` null: the stream never got that far) are left out of it;
@@ -89,6 +92,8 @@ class GroupSummary:
     no_usage: int
     latency_ms: Percentiles
     ttft_ms: Percentiles
+    cost: dict[str, float] = field(default_factory=dict)
+    unpriced: int = 0
 
     @property
     def failed_share(self) -> float | None:
@@ -110,7 +115,7 @@ class GroupSummary:
             "failed_share": self.failed_share, "incomplete_share": self.incomplete_share,
             "tokens": {name: total.reported for name, total in self.tokens.items()},
             "tokens_unknown": {name: total.unknown for name, total in self.tokens.items()},
-            "no_usage": self.no_usage,
+            "no_usage": self.no_usage, "cost": dict(self.cost), "unpriced": self.unpriced,
             "latency_ms": _percentiles_json(self.latency_ms), "ttft_ms": _percentiles_json(self.ttft_ms),
         }
 
@@ -154,6 +159,8 @@ class _Tally:
     no_usage: int = 0
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
+    cost: dict[str, float] = field(default_factory=dict)
+    unpriced: int = 0
 
     def add(self, event: Mapping[str, Any]) -> None:
         self.requests += 1
@@ -169,11 +176,19 @@ class _Tally:
             self.no_usage += 1
         _append_time(self.latencies, event.get("latency_ms"))
         _append_time(self.ttfts, event.get("ttft_ms"))
+        cost = event.get("cost")
+        total = cost.get("total") if isinstance(cost, Mapping) else None
+        if isinstance(total, (int, float)) and not isinstance(total, bool):
+            currency = str(cost.get("currency") or "USD")  # type: ignore[union-attr]
+            self.cost[currency] = self.cost.get(currency, 0.0) + total
+        else:
+            self.unpriced += 1
 
     def summary(self, key: str | None) -> GroupSummary:
         tokens = {name: TokenTotal(self.reported[name], self.unknown[name]) for name in TOKEN_COUNTS}
+        cost = {currency: round(value, 10) for currency, value in sorted(self.cost.items())}
         return GroupSummary(key, self.requests, dict(sorted(self.statuses.items())), tokens, self.no_usage,
-                            _percentiles(self.latencies), _percentiles(self.ttfts))
+                            _percentiles(self.latencies), _percentiles(self.ttfts), cost, self.unpriced)
 
 
 def _count(value: Any) -> int | None:
@@ -197,8 +212,8 @@ def _percentiles_json(values: Percentiles) -> dict[str, Any]:
 
 # --- the table ---------------------------------------------------------------------------------------------
 
-_COLUMNS = ("requests", "failed", "incomplete", "prompt_tok", "compl_tok", "total_tok", "no_usage",
-            "latency_ms p50/p90/p99", "ttft_ms p50/p90/p99")
+_COLUMNS = ("requests", "failed", "incomplete", "prompt_tok", "compl_tok", "total_tok", "no_usage", "cost",
+            "unpriced", "latency_ms p50/p90/p99", "ttft_ms p50/p90/p99")
 
 
 def format_table(summary: Summary) -> str:
@@ -212,6 +227,8 @@ def format_table(summary: Summary) -> str:
     notes = [] if summary.total.requests else ["(no usage events)"]
     if any(count.unknown for count in summary.total.tokens.values()):
         notes.append("token sums leave out requests that did not report that count (no_usage, or see --json)")
+    if summary.total.unpriced and summary.total.requests:
+        notes.append("cost leaves out requests without a price (unpriced; each event's cost_reason says why)")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -219,13 +236,17 @@ def _row(group: GroupSummary, label: str) -> tuple[str, ...]:
     tokens = group.tokens
     return (label, str(group.requests), _share(group.failed_share), _share(group.incomplete_share),
             str(tokens["prompt_tokens"].reported), str(tokens["completion_tokens"].reported),
-            str(tokens["total_tokens"].reported), str(group.no_usage),
+            str(tokens["total_tokens"].reported), str(group.no_usage), _money(group.cost), str(group.unpriced),
             _times(group.latency_ms), _times(group.ttft_ms))
 
 
 def _line(cells: tuple[str, ...], widths: list[int]) -> str:
     first, rest = cells[0].ljust(widths[0]), (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:]))
     return "  ".join((first, *rest)).rstrip()
+
+
+def _money(cost: dict[str, float]) -> str:
+    return " + ".join(f"{value:.6f} {currency}" for currency, value in cost.items()) or "-"
 
 
 def _share(value: float | None) -> str:

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--since", type=_duration, metavar="DURATION",
                        help="summarise the events published in the last DURATION: 30s, 15m, 2h, 7d")
     usage.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    usage.add_argument("--otel", action="store_true",
+                       help="record each event as OpenTelemetry GenAI client metrics and export them over OTLP "
+                            "(OTEL_EXPORTER_OTLP_ENDPOINT...) instead of printing it; needs the otel extra")
 
     play = _command(commands, "replay", _replay, _PUBLISHING, "push captured streams as new requests",
                     "Push captured streams (JSON Lines or SSE text) as new requests, exactly as a producer "
@@ -220,10 +223,23 @@ def _usage(args: argparse.Namespace, settings: Settings) -> int:
         return _usage_summary(args, settings)
     if args.by or args.since or args.json:
         raise ConfigError("--by, --since and --json go with --summary")
-    with connect(settings) as client:
-        reader = UsageReader(client, settings.keys, group=args.group, consumer=args.consumer,
-                             from_start=args.from_start, count=settings.read_count)
-        reader.consume(_emit, follow=args.follows, block_ms=settings.block_ms)
+    handle: Callable[[dict[str, Any]], None] = _emit
+    provider = None
+    if args.otel:
+        try:
+            from producer.otel import UsageMetrics, otlp_meter
+        except ImportError as exc:
+            raise ConfigError(f"--otel needs the otel extra: pip install 'streamfold[otel]' ({exc.name} is missing)")
+        meter, provider = otlp_meter()
+        handle = UsageMetrics(meter).record
+    try:
+        with connect(settings) as client:
+            reader = UsageReader(client, settings.keys, group=args.group, consumer=args.consumer,
+                                 from_start=args.from_start, count=settings.read_count)
+            reader.consume(handle, follow=args.follows, block_ms=settings.block_ms)
+    finally:
+        if provider is not None:
+            provider.shutdown()  # the last readings are exported before the process ends
     return 0
 
 

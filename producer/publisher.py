@@ -128,11 +128,14 @@ class Publisher:
         return self._buffered
 
     def start(self, request_id: str, meta: Mapping[str, Any] | None = None, mode: Mode = "auto",
-              format: Format | None = None, *, token: str | None = None) -> None:
+              format: Format | None = None, *, token: str | None = None, provider: str | None = None,
+              request_model: str | None = None) -> None:
         """Open a request: claim its id, write its start envelope and its control entry, in one step.
 
         ``format`` names the chunks' dialect (``chat``, ``anthropic``, ``responses``, ``gemini``); None lets
-        the worker recognise it from the first chunk.
+        the worker recognise it from the first chunk. ``provider`` (a ``gen_ai.provider.name`` such as
+        ``openai``, ``anthropic``, ``gcp.gemini``) and ``request_model`` (the model asked for) name the call
+        in its usage event and price it.
 
         ``token`` names the producer that owns the request id (default: one made up for this publisher's
         start). Starting again with the same token is harmless - a retry after a lost reply, a re-run of the
@@ -144,7 +147,8 @@ class Publisher:
             raise ContractError(f"request meta must be a mapping, got {type(meta).__name__}")
         known = self._requests.get(request_id)
         token = token or (known.token if known is not None and known.token else secrets.token_hex(16))
-        start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms(), token=token, format=format)
+        start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms(), token=token, format=format,
+                                      provider=provider, request_model=request_model)
         keys, shard = self._keys, self._keys.shard(request_id)
         fields = [part for pair in start.items() for part in pair]
         control = [part for pair in contract.encode_control(request_id, ts=start["ts"]).items() for part in pair]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict, cast, get_args
+from typing import Any, Literal, NotRequired, TypedDict, cast, get_args
 
 import orjson
 
@@ -77,13 +77,16 @@ class Start:
     the token of the producer that owns the request id.
 
     ``format`` None: the worker recognises the dialect from the stream's first chunk. ``token`` None: a
-    producer that sends none.
+    producer that sends none. ``provider`` (its ``gen_ai.provider.name``) and ``request_model`` (the model
+    asked for) name the call for analytics and pricing, when the producer knows them.
     """
 
     meta: dict[str, Any]
     mode: Mode
     format: Format | None = None
     token: str | None = None
+    provider: str | None = None
+    request_model: str | None = None
 
 
 class ErrorInfo(TypedDict, total=False):
@@ -112,36 +115,54 @@ class ResultRecord(TypedDict):
     meta: dict[str, Any]
 
 
-class UsageEvent(TypedDict):
-    """One per request, for analytics. Token counts are the upstream's own, never summed.
-
-    The counts are in the chat shape for every dialect, so analytics needs no per-provider code:
-    ``prompt_tokens`` includes cached input (Anthropic's cache reads and writes, which it reports apart from
-    ``input_tokens``, are added in), with the split in ``prompt_tokens_details``; ``completion_tokens``
-    includes reasoning, with ``completion_tokens_details.reasoning_tokens``. ``usage`` is the provider's own
-    usage object, verbatim (a chat usage, Anthropic ``usage``, Responses ``usage``, Gemini ``usageMetadata``).
-
-    Times come from the producer's envelope timestamps: ``latency_ms`` from the start envelope to the end or
-    error envelope, ``ttft_ms`` from the start to the first chunk of the attempt assembled; None when the
-    stream never got that far.
-    """
-
-    request_id: str
-    status: Status
-    format: Format
-    model: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    prompt_tokens_details: dict[str, Any] | None
-    completion_tokens_details: dict[str, Any] | None
-    usage: dict[str, Any] | None
-    latency_ms: float | None
-    ttft_ms: float | None
-    chunks: int
-    error_type: str | None
-    meta: dict[str, Any]
-    finished_at_ms: int
+# One per request, for analytics. Token counts are the upstream's own, never summed.
+#
+# The counts are in the chat shape for every dialect, so analytics needs no per-provider code: ``prompt_tokens``
+# includes cached input (Anthropic's cache reads and writes, which it reports apart from ``input_tokens``, are
+# added in), with the split in ``prompt_tokens_details``; ``completion_tokens`` includes reasoning, with
+# ``completion_tokens_details.reasoning_tokens``. ``usage`` is the provider's own usage object, verbatim (a chat
+# usage, Anthropic ``usage``, Responses ``usage``, Gemini ``usageMetadata``).
+#
+# Times come from the producer's envelope timestamps: ``latency_ms`` from the start envelope to the end or
+# error envelope, ``ttft_ms`` from the start to the first chunk of the attempt assembled; None when the stream
+# never got that far. ``cost`` is what the request cost at the provider's prices (``worker/pricing.py``), None
+# with ``cost_reason`` saying why when there is no price. Beside these, the OpenTelemetry GenAI attributes
+# (``streamfold/genai.py``), each present only when known.
+UsageEvent = TypedDict("UsageEvent", {
+    "request_id": str,
+    "status": Status,
+    "format": Format,
+    "provider": "str | None",
+    "request_model": "str | None",
+    "model": "str | None",
+    "prompt_tokens": "int | None",
+    "completion_tokens": "int | None",
+    "total_tokens": "int | None",
+    "prompt_tokens_details": "dict[str, Any] | None",
+    "completion_tokens_details": "dict[str, Any] | None",
+    "usage": "dict[str, Any] | None",
+    "cost": "dict[str, Any] | None",
+    "cost_reason": "str | None",
+    "latency_ms": "float | None",
+    "ttft_ms": "float | None",
+    "chunks": int,
+    "error_type": "str | None",
+    "meta": "dict[str, Any]",
+    "finished_at_ms": int,
+    "gen_ai.operation.name": NotRequired[str],
+    "gen_ai.provider.name": NotRequired[str],
+    "gen_ai.request.model": NotRequired[str],
+    "gen_ai.response.model": NotRequired[str],
+    "gen_ai.response.id": NotRequired[str],
+    "gen_ai.response.finish_reasons": NotRequired["list[str]"],
+    "gen_ai.usage.input_tokens": NotRequired[int],
+    "gen_ai.usage.output_tokens": NotRequired[int],
+    "gen_ai.usage.cache_read.input_tokens": NotRequired[int],
+    "gen_ai.usage.cache_creation.input_tokens": NotRequired[int],
+    "gen_ai.usage.reasoning.output_tokens": NotRequired[int],
+    "gen_ai.response.time_to_first_chunk": NotRequired[float],
+    "error.type": NotRequired[str],
+})
 
 
 # --- request ids ----------------------------------------------------------------------------------------
@@ -170,8 +191,9 @@ def decode_request_id(raw: bytes) -> str:
 
 # --- envelopes ------------------------------------------------------------------------------------------
 
-def encode_start(meta: dict[str, Any], mode: Mode, *, attempt: int, ts_ms: int,
-                 format: Format | None = None, token: str | None = None) -> dict[str, bytes]:
+def encode_start(meta: dict[str, Any], mode: Mode, *, attempt: int, ts_ms: int, format: Format | None = None,
+                 token: str | None = None, provider: str | None = None,
+                 request_model: str | None = None) -> dict[str, bytes]:
     """The start envelope; ContractError for an unknown mode or format, or meta that is not JSON."""
     if mode not in MODES:
         raise ContractError(f"unknown output mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -180,8 +202,9 @@ def encode_start(meta: dict[str, Any], mode: Mode, *, attempt: int, ts_ms: int,
         if format not in FORMATS:
             raise ContractError(f"unknown stream format {format!r}; expected one of {', '.join(FORMATS)}")
         body["format"] = format
-    if token is not None:
-        body["token"] = token
+    for name, value in (("token", token), ("provider", provider), ("request_model", request_model)):
+        if value is not None:
+            body[name] = value
     try:
         data = orjson.dumps(body)
     except TypeError as exc:
@@ -229,11 +252,12 @@ def _counter(raw: bytes) -> int:
 
 def decode_start(envelope: Envelope) -> Start:
     body = _load_object(envelope.payload, "start envelope")
-    meta, mode, format, token = body.get("meta") or {}, body.get("mode", "auto"), body.get("format"), body.get("token")
+    meta, mode, format = body.get("meta") or {}, body.get("mode", "auto"), body.get("format")
+    token, provider, request_model = body.get("token"), body.get("provider"), body.get("request_model")
     if (not isinstance(meta, dict) or mode not in MODES or (format is not None and format not in FORMATS)
-            or not isinstance(token, (str, type(None)))):
+            or not all(isinstance(text, (str, type(None))) for text in (token, provider, request_model))):
         raise ContractError(f"bad start envelope: {envelope.payload!r:.200}")
-    return Start(meta, cast(Mode, mode), cast("Format | None", format), token)
+    return Start(meta, cast(Mode, mode), cast("Format | None", format), token, provider, request_model)
 
 
 def decode_error(envelope: Envelope) -> ErrorInfo:

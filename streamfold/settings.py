@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from streamfold.contract import Mode
 from streamfold.errors import ConfigError
+from streamfold.genai import PriceOverride, read_price_overrides
 from streamfold.keys import Keys
 
 LogFormat = Literal["text", "json"]
@@ -36,6 +37,9 @@ class Upstream(BaseModel):
     api_key_env: str | None = Field(None, min_length=1)
     mode: Mode = "auto"
     params: dict[str, Any] = Field(default_factory=dict)
+    # gen_ai.provider.name (openai, anthropic, gcp.gemini, ...): names the calls in usage events and prices them;
+    # when absent, the base URL's host names it where it is a well-known one (streamfold/genai.py).
+    provider: str | None = Field(None, min_length=1)
 
 
 # The longest a chunk stream lives when nothing finishes its request: set by the producer's start (and again
@@ -106,6 +110,11 @@ class Settings(BaseSettings):
     upstream_backoff_max: float = Field(30.0, ge=0, description="longest retry delay; a longer Retry-After fails")
     cancel_ttl: int = Field(3_600, ge=1, description="seconds a cancel request is kept")
 
+    prices: Annotated[dict[str, PriceOverride], NoDecode] = Field(
+        default_factory=dict, description=("JSON object: \"<provider>/<model>\" or \"<model>\" -> {input_mtok, "
+                                           "output_mtok, cache_read_mtok, cache_write_mtok, currency}: prices per "
+                                           "million tokens that replace or add to the bundled ones"))
+
     gateway_host: str = Field("127.0.0.1", min_length=1, description="address the HTTP gateway listens on")
     gateway_port: int = Field(8410, ge=0, le=65_535, description="port the HTTP gateway listens on")
     gateway_keys: Annotated[dict[str, str], NoDecode] = Field(
@@ -117,6 +126,22 @@ class Settings(BaseSettings):
     @classmethod
     def _read_upstreams(cls, value: Any) -> dict[str, Upstream]:
         return read_upstreams(value)
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _read_prices(cls, value: Any) -> dict[str, PriceOverride]:
+        if isinstance(value, (str, bytes)):
+            try:
+                value = orjson.loads(value) if value.strip() else {}
+            except orjson.JSONDecodeError as exc:
+                raise ConfigError(f"STREAMFOLD_PRICES is not valid JSON ({exc})") from None
+        if not isinstance(value, dict) or not all(isinstance(entry, (dict, PriceOverride)) for entry in value.values()):
+            raise ConfigError("STREAMFOLD_PRICES must be a JSON object mapping models to prices")
+        try:
+            return {**{name: entry for name, entry in value.items() if isinstance(entry, PriceOverride)},
+                    **read_price_overrides({name: entry for name, entry in value.items() if isinstance(entry, dict)})}
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @field_validator("gateway_keys", mode="before")
     @classmethod

@@ -23,9 +23,11 @@ from typing import Any
 from streamfold.contract import (ErrorInfo, Fields, Format, Mode, ResultRecord, Start, UsageEvent,
                                  decode_envelope, decode_error, decode_start, encode_record)
 from streamfold.errors import ChunkError, ContractError
+from streamfold.genai import usage_attributes
 from worker.assembler import Assembler
 from worker.dialects import native_usage
 from worker.limits import Limits
+from worker.pricing import PriceBook
 
 # A dead letter keeps this much of a rejected payload: enough to see what it was, never a copy of a huge one.
 DEAD_LETTER_PAYLOAD_BYTES = 65_536
@@ -61,7 +63,8 @@ class RequestState:
     be finished and later entries are ignored.
     """
 
-    def __init__(self, request_id: str, entry_id: str, now: float, limits: Limits = Limits()) -> None:
+    def __init__(self, request_id: str, entry_id: str, now: float, limits: Limits = Limits(),
+                 prices: PriceBook | None = None) -> None:
         self.request_id = request_id
         self.entries = [entry_id]
         self.cursor = "0-0"
@@ -69,6 +72,8 @@ class RequestState:
         self.last_activity = now
         self.ended = False
         self._limits = limits
+        self._prices = prices or PriceBook()
+        self._call: dict[str, str | None] = {"provider": None, "request_model": None}
         self._meta: dict[str, Any] = {}
         self._mode: Mode = "auto"
         self._format: Format | None = None
@@ -187,7 +192,7 @@ class RequestState:
         return record
 
     def _encoded(self, record: ResultRecord, finished_at_ms: int) -> Outcome:
-        usage = usage_event(record, finished_at_ms)
+        usage = usage_event(record, finished_at_ms, prices=self._prices, **self._call)
         return Outcome(record, usage, self._dead, encode_record(record), encode_record(usage), self._token)
 
     # --- envelopes -------------------------------------------------------------------------------------
@@ -200,6 +205,7 @@ class RequestState:
             return  # the same producer again: a retried start, or a re-run of the same request
         self._meta, self._mode, self._token, self._start_ts = start.meta, start.mode, start.token, ts_ms
         self._format = start.format
+        self._call = {"provider": start.provider, "request_model": start.request_model}
         if self._assembler is not None:
             self._warnings.append("chunks arrived before the start envelope")
 
@@ -264,8 +270,10 @@ class RequestState:
         return self._assembler
 
 
-def usage_event(record: ResultRecord, finished_at_ms: int) -> UsageEvent:
-    """The analytics view of a finished request: the same normalized counts for every dialect.
+def usage_event(record: ResultRecord, finished_at_ms: int, *, provider: str | None = None,
+                request_model: str | None = None, prices: PriceBook | None = None) -> UsageEvent:
+    """The analytics view of a finished request: the same normalized counts for every dialect, its cost, and
+    the OpenTelemetry GenAI attributes.
 
     The counts come from the completion's chat-shaped usage (see ``UsageEvent``); ``usage`` is the provider's
     own usage object, verbatim: the chat usage itself for chat chunks, else the native object's.
@@ -275,16 +283,24 @@ def usage_event(record: ResultRecord, finished_at_ms: int) -> UsageEvent:
     tokens = usage if isinstance(usage, dict) else {}
     format = record["format"]
     provider_usage = usage if format == "chat" else native_usage(format, record["native"])
-    return UsageEvent(
-        request_id=record["request_id"], status=record["status"], format=format,
-        model=completion.get("model") or None, prompt_tokens=_count(tokens.get("prompt_tokens")),
+    model = completion.get("model") or None
+    cost, cost_reason = (prices or PriceBook()).cost(provider, model, tokens or None)
+    error_type = error.get("type") if error else None
+    ttft_ms = metrics.get("ttft_ms")
+    event = UsageEvent(
+        request_id=record["request_id"], status=record["status"], format=format, provider=provider,
+        request_model=request_model, model=model, prompt_tokens=_count(tokens.get("prompt_tokens")),
         completion_tokens=_count(tokens.get("completion_tokens")), total_tokens=_count(tokens.get("total_tokens")),
         prompt_tokens_details=_details(tokens.get("prompt_tokens_details")),
         completion_tokens_details=_details(tokens.get("completion_tokens_details")),
-        usage=provider_usage if isinstance(provider_usage, dict) else None,
-        latency_ms=metrics.get("duration_ms"), ttft_ms=metrics.get("ttft_ms"), chunks=metrics["chunks"],
-        error_type=error.get("type") if error else None, meta=record["meta"], finished_at_ms=finished_at_ms,
+        usage=provider_usage if isinstance(provider_usage, dict) else None, cost=dict(cost) if cost else None,
+        cost_reason=cost_reason, latency_ms=metrics.get("duration_ms"), ttft_ms=ttft_ms, chunks=metrics["chunks"],
+        error_type=error_type, meta=record["meta"], finished_at_ms=finished_at_ms,
     )
+    event.update(usage_attributes(  # type: ignore[typeddict-item]
+        provider=provider, request_model=request_model, completion=completion,
+        ttft_s=None if ttft_ms is None else ttft_ms / 1000, error_type=error_type))
+    return event
 
 
 def _details(value: Any) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ from worker.broker import Broker, Claim, Finish, StreamsRefused
 from worker.housekeeping import Housekept, Housekeeper
 from worker.limits import Limits
 from worker.metrics import WorkerMetrics, now_ms
+from worker.pricing import PriceBook
 from worker.request import RequestState
 
 log = logging.getLogger("streamfold.worker")
@@ -52,7 +53,7 @@ SLOW_READ_MARGIN = 0.1
 WORKER_SETTINGS = ("redis_url", "namespace", "shards", "group", "concurrency", "read_count", "block_ms",
                    "socket_timeout", "stall_timeout", "claim_timeout", "shutdown_grace", "result_ttl", "chunk_ttl",
                    "results_max_age", "usage_max_age", "dead_letter_max_age", "dead_consumer_idle", "max_chunk_bytes",
-                   "max_chunks", "max_request_bytes", "max_json_depth", "metrics_port", "log_format")
+                   "max_chunks", "max_request_bytes", "max_json_depth", "prices", "metrics_port", "log_format")
 
 
 class Worker:
@@ -68,6 +69,7 @@ class Worker:
         self.concurrency = concurrency or settings.concurrency
         self._settings = settings
         self._limits = Limits.from_settings(settings)
+        self._prices = PriceBook(settings.prices)
         self._clock = clock
         self._requests: dict[str, RequestState] = {}
         self.metrics = WorkerMetrics(self.concurrency)
@@ -255,7 +257,8 @@ class Worker:
                 if claim.entry_id not in state.entries:
                     state.entries.append(claim.entry_id)
             elif len(self._requests) < self.concurrency:
-                self._requests[claim.request_id] = RequestState(claim.request_id, claim.entry_id, now, self._limits)
+                self._requests[claim.request_id] = RequestState(claim.request_id, claim.entry_id, now, self._limits,
+                                                              self._prices)
                 adopted += 1
                 self._log.log(logging.INFO if how == "recovered" else logging.DEBUG, f"request_{how}",
                               request_id=claim.request_id, entry=claim.entry_id)

@@ -19,15 +19,20 @@ from streamfold.keys import Keys
 
 def event(request_id: str, *, model: str | None = "gpt-4o-mini", status: Status = "completed",
           tokens: tuple[int, int, int] | None = (10, 5, 15), latency_ms: float | None = 100,
-          ttft_ms: float | None = 20, meta: dict[str, Any] | None = None) -> UsageEvent:
+          ttft_ms: float | None = 20, meta: dict[str, Any] | None = None, cost: float | None = 0.25,
+          currency: str = "USD") -> UsageEvent:
     """A usage event shaped as workers publish it; ``tokens`` None is a stream that reported no usage."""
     prompt, completion, total = tokens if tokens is not None else (None, None, None)
     usage = None if tokens is None else {"prompt_tokens": prompt, "completion_tokens": completion,
                                          "total_tokens": total}
-    return UsageEvent(request_id=request_id, status=status, model=model, prompt_tokens=prompt,
-                      completion_tokens=completion, total_tokens=total, usage=usage, latency_ms=latency_ms,
-                      ttft_ms=ttft_ms, chunks=3, error_type="upstream_error" if status == "failed" else None,
-                      meta=meta or {}, finished_at_ms=1_700_000_000_000)
+    priced = None if cost is None or tokens is None else {"input": cost / 2, "output": cost / 2, "total": cost,
+                                                          "currency": currency, "source": "test"}
+    return UsageEvent(request_id=request_id, status=status, format="chat", provider="openai", request_model=model,
+                      model=model, prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
+                      prompt_tokens_details=None, completion_tokens_details=None, usage=usage, cost=priced,
+                      cost_reason=None if priced else "no price", latency_ms=latency_ms, ttft_ms=ttft_ms, chunks=3,
+                      error_type="upstream_error" if status == "failed" else None, meta=meta or {},
+                      finished_at_ms=1_700_000_000_000)
 
 
 # --- aggregation ---------------------------------------------------------------------------------------------
@@ -92,6 +97,20 @@ def test_latency_percentiles_per_group_leave_out_requests_without_the_time() -> 
     assert (ttft.p50, ttft.p90, ttft.p99, ttft.measured) == (50, 90, 100, 10)
 
 
+def test_cost_is_summed_per_model_and_tenant_per_currency_with_the_unpriced_counted() -> None:
+    events = [event("a", model="m1", cost=0.5, meta={"tenant": "acme"}),
+              event("b", model="m1", cost=0.25, meta={"tenant": "globex"}),
+              event("c", model="m2", cost=None, meta={"tenant": "acme"}),
+              event("d", model="m2", cost=2.0, currency="EUR", meta={"tenant": "acme"})]
+    by_model = {group.key: group for group in summarize(events, by="model").groups}
+    assert (by_model["m1"].cost, by_model["m1"].unpriced) == ({"USD": 0.75}, 0)
+    assert (by_model["m2"].cost, by_model["m2"].unpriced) == ({"EUR": 2.0}, 1)
+    by_tenant = {group.key: group for group in summarize(events, by="tenant").groups}
+    assert by_tenant["acme"].cost == {"EUR": 2.0, "USD": 0.5} and by_tenant["acme"].unpriced == 1
+    assert "0.500000 USD + 2.000000 EUR" not in format_table(summarize(events, by="tenant"))  # ordered by name
+    assert "2.000000 EUR + 0.500000 USD" in format_table(summarize(events, by="tenant"))
+
+
 def test_no_events_summarise_to_an_empty_total() -> None:
     summary = summarize([])
     assert summary.groups == () and summary.total.requests == 0
@@ -106,7 +125,8 @@ def test_the_table_has_a_row_per_group_and_a_total_row() -> None:
     assert lines[1].split()[:2] == ["m1", "1"] and "120/120/120" in lines[1]
     assert lines[2].split()[:2] == ["(none)", "1"]
     assert lines[4].split()[:5] == ["TOTAL", "2", "0.0%", "0.0%", "10"]
-    assert "leave out requests" in lines[-1]
+    assert "0.250000 USD" in lines[4] and lines[4].split()[10] == "1"  # the unpriced one
+    assert "leave out requests" in lines[-2] and "without a price" in lines[-1]
 
 
 def test_the_json_summary_carries_every_figure() -> None:
@@ -117,6 +137,7 @@ def test_the_json_summary_carries_every_figure() -> None:
         "key": None, "requests": 1, "statuses": {"completed": 1}, "failed_share": 0.0, "incomplete_share": 0.0,
         "tokens": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         "tokens_unknown": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, "no_usage": 0,
+        "cost": {"USD": 0.25}, "unpriced": 0,
         "latency_ms": {"p50": 100, "p90": 100, "p99": 100, "measured": 1},
         "ttft_ms": {"p50": 20, "p90": 20, "p99": 20, "measured": 1}}
 
