@@ -1,0 +1,177 @@
+"""The runner as rq sees it: one registered rq worker that takes jobs itself and keeps rq's state true.
+
+rq runs one job per worker process (rq's concurrency issue #45 is open). The runner instead takes jobs from
+the queue with rq's own dequeue (``Queue.dequeue_any``: BLMOVE into rq's intermediate queue), marks each
+started with rq's own execution records (``prepare_execution``, ``prepare_job_execution``: the job's status,
+the StartedJobRegistry, the worker's execution index), keeps every started job's registry entry fresh
+(``heartbeat_all``), and ends each with rq's own success or failure handling (result, FinishedJobRegistry or
+FailedJobRegistry). So ``rq info``, rq-dashboard and ``Job.fetch`` show what is running, done and failed,
+as they would for rq's own workers; ``rq worker`` keeps running the same jobs one at a time.
+
+Every method here blocks on Redis: the runner calls them from threads, never on its event loop. Jobs whose
+function is not ``producer.jobs.run_chat_completion`` are failed with a message saying so, never run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import DequeueTimeout, NoSuchJobError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.utils import now
+from rq.worker import BaseWorker, WorkerStatus
+
+CALL_FUNCTION = "producer.jobs.run_chat_completion"
+# How long an execution's registry entry lives without a heartbeat: rq's own margin over its interval.
+EXECUTION_TTL_MARGIN = 60
+
+
+@dataclass
+class Taken:
+    """A job this runner started, with what rq needs to end it."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.job.kwargs)
+
+
+class RunnerWorker(BaseWorker):
+    """rq's BaseWorker, as registration and bookkeeping only: jobs run as calls on the runner's event loop."""
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        raise NotImplementedError("a call runner runs its jobs as calls, never through rq's execute_job")
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return int(self.job_monitoring_interval) + EXECUTION_TTL_MARGIN
+
+
+class RqBridge:
+    """The verbs the runner needs of rq; ``worker`` is the registered rq worker (its name is the runner's)."""
+
+    def __init__(self, client: redis.Redis, queue: str, name: str, *, heartbeat_s: float) -> None:
+        self.client = client
+        self.worker = RunnerWorker([queue], name=name, connection=client, job_monitoring_interval=int(heartbeat_s),
+                                   worker_ttl=int(heartbeat_s) + EXECUTION_TTL_MARGIN)
+        self.worker.log_result_lifespan = False
+        self.queue = self.worker.queues[0]
+
+    def join(self) -> None:
+        self.worker.register_birth()  # type: ignore[no-untyped-call]
+        self.worker.set_state(WorkerStatus.IDLE)
+
+    def leave(self) -> None:
+        self.worker.register_death()  # type: ignore[no-untyped-call]
+
+    def take(self, count: int, timeout: int | None) -> tuple[list[Taken], list[tuple[Job, str]]]:
+        """Up to ``count`` jobs, waiting up to ``timeout`` seconds for the first (None: not at all), each
+        marked started. Also returns the jobs refused (not Streamfold calls), already failed in rq."""
+        taken: list[Taken] = []
+        refused: list[tuple[Job, str]] = []
+        while len(taken) < count:
+            try:
+                found = Queue.dequeue_any([self.queue], None if taken or refused else timeout,
+                                          connection=self.client, job_class=self.worker.job_class,
+                                          serializer=self.worker.serializer)
+            except DequeueTimeout:
+                found = None
+            if found is None:
+                break
+            job, queue = found
+            problem = foreign(job)
+            if problem is not None:
+                self.fail(Taken(job, queue, self._start(job, queue)), problem)
+                refused.append((job, problem))
+                continue
+            taken.append(Taken(job, queue, self._start(job, queue)))
+        return taken, refused
+
+    def adopt(self, job_id: str) -> Taken | None:
+        """A started job whose runner died, taken over: its old executions go, one of this worker's takes
+        their place. None when the job is gone or already ended in rq."""
+        try:
+            job = Job.fetch(job_id, connection=self.client, serializer=self.worker.serializer)
+        except NoSuchJobError:
+            return None
+        if job.get_status() not in (JobStatus.STARTED, JobStatus.QUEUED):
+            return None
+        queue = Queue(job.origin, connection=self.client, serializer=self.worker.serializer)
+        registry = StartedJobRegistry(job.origin, connection=self.client)
+        with self.client.pipeline() as pipe:
+            for held_by, execution_id in registry.get_job_and_execution_ids(cleanup=False):
+                if held_by == job.id:
+                    Execution(execution_id, job.id, self.client).delete(job, pipe)
+            pipe.execute()
+        return Taken(job, queue, self._start(job, queue))
+
+    def succeed(self, taken: Taken, result: dict[str, Any]) -> None:
+        """The job returned ``result``: rq's own success handling (result kept, FinishedJobRegistry)."""
+        job = taken.job
+        job.ended_at = now()
+        job._result = result  # what rq's handle_job_success stores as the job's result
+        job._status = JobStatus.FINISHED
+        self.worker.handle_job_success(job, taken.queue, taken.queue.started_job_registry, taken.execution)
+
+    def fail(self, taken: Taken, message: str) -> None:
+        """The job failed with ``message``: rq's own failure handling (FailedJobRegistry, the failure kept)."""
+        job = taken.job
+        job.ended_at = now()
+        job._status = JobStatus.FAILED
+        self.worker.handle_job_failure(job, taken.queue, exc_string=message, execution=taken.execution)
+
+    def requeue(self, taken: Taken) -> None:
+        """Put a job taken but never run back at the front of its queue (a drain that took it too late)."""
+        with self.client.pipeline() as pipe:
+            self.worker.cleanup_execution(taken.job, pipe, taken.execution)
+            taken.job.set_status(JobStatus.QUEUED, pipeline=pipe)
+            pipe.execute()
+        taken.queue.push_job_id(taken.job.id, at_front=True)
+
+    def heartbeat_all(self, held: list[Taken]) -> None:
+        """Keep the worker's registration and every started job's registry entry fresh, in one round trip."""
+        ttl = self.worker.get_heartbeat_ttl(held[0].job) if held else self.worker.worker_ttl
+        with self.client.pipeline() as pipe:
+            self.worker.heartbeat(ttl + EXECUTION_TTL_MARGIN, pipeline=pipe)
+            for taken in held:
+                taken.execution.heartbeat(taken.queue.started_job_registry, ttl, pipeline=pipe)
+                taken.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            pipe.execute()
+        self.worker.set_state(WorkerStatus.BUSY if held else WorkerStatus.IDLE)
+
+    def clean_registries(self) -> None:
+        """rq's periodic maintenance, as every rq worker takes its turn at it."""
+        self.worker.clean_registries()  # type: ignore[no-untyped-call]
+
+    def forget_runner(self, name: str) -> None:
+        """Register the death of another runner's rq worker, found dead by its lease, so ``rq info`` stops
+        listing it at once instead of after its key expires."""
+        key = f"{BaseWorker.redis_worker_namespace_prefix}{name}"
+        other = BaseWorker.find_by_key(key, connection=self.client)
+        if other is not None and other.death_date is None:
+            other.register_death()  # type: ignore[no-untyped-call]
+
+    def _start(self, job: Job, queue: Queue) -> Execution:
+        execution = self.worker.prepare_execution(job)
+        self.worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+        job.started_at = now()
+        return execution
+
+
+def foreign(job: Job) -> str | None:
+    """Why a job is not one a call runner may run, or None when it is a Streamfold call."""
+    try:
+        name = job.func_name
+    except Exception as exc:  # noqa: BLE001  (rq raises whatever its serializer raised)
+        return f"job data cannot be read ({type(exc).__name__}); a call runner runs only {CALL_FUNCTION} jobs"
+    if name != CALL_FUNCTION:
+        return (f"not a Streamfold call: {name}; a call runner runs only {CALL_FUNCTION} jobs "
+                "(run other jobs with rq worker on a queue of their own)")
+    return None
