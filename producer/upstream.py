@@ -12,7 +12,9 @@ in results, log lines) passes through ``redact`` first, in case an upstream echo
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import random
 import time
@@ -136,33 +138,39 @@ def failure(error: UpstreamError) -> ErrorInfo:
 
 
 class UpstreamClient:
-    """Streams calls from one upstream over a pooled ``httpx.AsyncClient``; close it (``aclose``) when done.
+    """Streams calls from one upstream over pooled ``httpx.AsyncClient``s; close it (``aclose``) when done.
 
-    ``transport`` replaces the network (tests pass an ``httpx.MockTransport``); ``limits`` sizes the pool, which
-    a runner sets to its concurrency so that no call waits for a connection another call holds.
+    ``transport`` replaces the network (tests pass an ``httpx.MockTransport``). ``connections`` is how many
+    calls may stream at once, which a runner sets to its concurrency: they are spread over one pool per
+    ``POOL_SIZE`` of them, since httpcore looks through every connection of a pool whenever a request
+    starts or ends, and a thousand connections in one pool made that the runner's largest cost.
     """
+
+    POOL_SIZE = 64
 
     def __init__(self, base_url: str, *, api: Api = APIS["chat"], api_key: str | None = None,
                  params: Mapping[str, Any] | None = None, connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 transport: httpx.AsyncBaseTransport | None = None, limits: httpx.Limits | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, connections: int = POOL_SIZE) -> None:
         url = httpx.URL(base_url)
         self.api = api
         self._api_key = api_key
         self._defaults = dict(params or {})
         self._secrets = (api_key,) if api_key else ()
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=min(connections, self.POOL_SIZE))
         # httpx drops a base URL's query when it joins a path onto it; send it as client-wide params instead.
-        self._client = httpx.AsyncClient(
-            base_url=url.copy_with(query=None), params=url.params, transport=transport,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
-            limits=limits or httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self._pools = [httpx.AsyncClient(base_url=url.copy_with(query=None), params=url.params, transport=transport,
+                                         timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
+                                         limits=limits)
+                       for _ in range(max(1, math.ceil(connections / self.POOL_SIZE)))]
+        self._turn = itertools.cycle(self._pools)
 
     @classmethod
     def from_settings(cls, settings: Settings, upstream: Upstream, *, environ: Mapping[str, str] | None = None,
                       transport: httpx.AsyncBaseTransport | None = None,
-                      limits: httpx.Limits | None = None) -> UpstreamClient:
+                      connections: int = POOL_SIZE) -> UpstreamClient:
         return cls(upstream.base_url, api=APIS[upstream.api], api_key=api_key_of(upstream, environ),
                    params=upstream.params, connect_timeout=settings.upstream_connect_timeout,
-                   read_timeout=settings.upstream_read_timeout, transport=transport, limits=limits)
+                   read_timeout=settings.upstream_read_timeout, transport=transport, connections=connections)
 
     async def stream(self, params: Mapping[str, Any]) -> AsyncIterator[CapturedItem]:
         """Yield each SSE event of one streamed call with ``params`` (over the upstream's defaults): ``chunk``
@@ -173,7 +181,7 @@ class UpstreamClient:
         """
         request = self.api.request(params, self._defaults, self._api_key)
         try:
-            async with self._client.stream("POST", request.path, json=request.body, headers=request.headers,
+            async with next(self._turn).stream("POST", request.path, json=request.body, headers=request.headers,
                                            params=request.params) as response:
                 if response.status_code >= 400:
                     await response.aread()
@@ -207,7 +215,8 @@ class UpstreamClient:
                              retry_after=parse_retry_after(response.headers))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for pool in self._pools:
+            await pool.aclose()
 
     async def __aenter__(self) -> UpstreamClient:
         return self

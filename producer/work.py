@@ -13,6 +13,9 @@ import logging
 import os
 import secrets
 import socket
+import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from producer.runner.calls import connect_async
 from producer.runner.loop import Runner
@@ -21,6 +24,9 @@ from streamfold.connection import connect
 from streamfold.errors import ConfigError
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings
+
+SWITCH_INTERVAL_S = 0.0005
+
 
 def runner_name() -> str:
     """A runner name unique to this process (also its rq worker name): host, pid and a random suffix."""
@@ -36,6 +42,8 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     redacting = RedactingFilter(configured_secrets(settings))
     for handler in logging.getLogger().handlers:
         handler.addFilter(redacting)
+    for chatty in ("httpx", "httpcore"):  # a line per upstream request: the runner logs what matters itself
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     name = name or runner_name()
     port = metrics_port if metrics_port is not None else settings.metrics_port
     with connect(settings) as client:
@@ -48,10 +56,24 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
             EventLog(logging.getLogger("streamfold.runner"), worker=name).info("metrics_served", port=port)
         # What exists now lives as long as the process: frozen, it stays out of the collector's full passes.
         gc.freeze()
+        # rq's blocking verbs run in threads beside the event loop. Each hand-over of the interpreter waits up
+        # to the switch interval (5 ms by default), so a round trip made in a thread while the loop is busy
+        # would cost milliseconds; a short interval keeps both sides moving.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
-            return asyncio.run(_serve(runner))
+            return run_loop(_serve(runner))
         finally:
             runner.metrics.close()
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run the runner's event loop: uvloop's where it is installed (its loop turns over the calls' many small
+    reads and timers for about half the interpreter time of asyncio's own), asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def _serve(runner: Runner) -> int:

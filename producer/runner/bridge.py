@@ -72,27 +72,61 @@ class RqBridge:
         self.worker.register_death()  # type: ignore[no-untyped-call]
 
     def take(self, count: int, timeout: int | None) -> tuple[list[Taken], list[tuple[Job, str]]]:
-        """Up to ``count`` jobs, waiting up to ``timeout`` seconds for the first (None: not at all), each
-        marked started. Also returns the jobs refused (not Streamfold calls), already failed in rq."""
-        taken: list[Taken] = []
-        refused: list[tuple[Job, str]] = []
-        while len(taken) < count:
-            try:
-                found = Queue.dequeue_any([self.queue], None if taken or refused else timeout,
-                                          connection=self.client, job_class=self.worker.job_class,
-                                          serializer=self.worker.serializer)
-            except DequeueTimeout:
-                found = None
-            if found is None:
-                break
-            job, queue = found
-            problem = foreign(job)
-            if problem is not None:
-                self.fail(Taken(job, queue, self._start(job, queue)), problem)
-                refused.append((job, problem))
-                continue
-            taken.append(Taken(job, queue, self._start(job, queue)))
-        return taken, refused
+        """Up to ``count`` jobs, waiting up to ``timeout`` seconds for the first (None: not at all), all marked
+        started. Also returns the jobs refused (not Streamfold calls), already failed in rq.
+
+        rq's own dequeue takes the first job (BLMOVE into rq's intermediate queue, as its workers do); the
+        rest move the same way, and every job is marked started, in one round trip each rather than several
+        per job, so that a runner taking hundreds of calls a second is not held up by its bookkeeping.
+        """
+        try:
+            first = Queue.dequeue_any([self.queue], timeout, connection=self.client, job_class=self.worker.job_class,
+                                      serializer=self.worker.serializer)
+        except DequeueTimeout:
+            first = None
+        if first is None:
+            return [], []
+        jobs = [first[0], *self._dequeue_more(count - 1)]
+        refused = [(job, problem) for job in jobs if (problem := foreign(job)) is not None]
+        taken = self._start_all(jobs)
+        for job, problem in refused:
+            self.fail(taken.pop(job.id), problem)
+        return list(taken.values()), refused
+
+    def _dequeue_more(self, count: int) -> list[Job]:
+        """Up to ``count`` more jobs without waiting: moved as rq's dequeue moves them, then fetched."""
+        if count <= 0:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for _ in range(count):
+                pipe.lmove(self.queue.key, self.queue.intermediate_queue_key)
+            ids = [raw.decode() for raw in pipe.execute() if raw is not None]
+        if not ids:
+            return []
+        jobs = Job.fetch_many(ids, connection=self.client, serializer=self.worker.serializer)
+        gone = [job_id for job_id, job in zip(ids, jobs) if job is None]
+        for job_id in gone:  # deleted while queued: nothing to run, as rq's dequeue skips it
+            self.queue.intermediate_queue.remove(job_id)
+        return [job for job in jobs if job is not None]
+
+    def _start_all(self, jobs: list[Job]) -> dict[str, Taken]:
+        """Mark jobs started, in one round trip: what rq's ``prepare_execution`` and ``prepare_job_execution``
+        do for each (an execution record in the StartedJobRegistry and the worker's index, the job's status,
+        out of the intermediate queue), with the worker's heartbeat once."""
+        worker, started = self.worker, {}
+        with self.client.pipeline() as pipe:
+            for job in jobs:
+                ttl = worker.get_heartbeat_ttl(job)
+                execution = Execution.create(job, ttl, pipeline=pipe, worker_name=worker.name)
+                worker.executions[execution.id] = execution
+                job.prepare_for_execution(worker.name, pipeline=pipe)
+                pipe.persist(job.key)
+                pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
+                started[job.id] = Taken(job, self.queue, execution)
+            worker.heartbeat(worker.get_heartbeat_ttl(jobs[0]) + EXECUTION_TTL_MARGIN, pipeline=pipe)
+            worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            pipe.execute()
+        return started
 
     def adopt(self, job_id: str) -> Taken | None:
         """A started job whose runner died, taken over: its old executions go, one of this worker's takes
@@ -103,14 +137,13 @@ class RqBridge:
             return None
         if job.get_status() not in (JobStatus.STARTED, JobStatus.QUEUED):
             return None
-        queue = Queue(job.origin, connection=self.client, serializer=self.worker.serializer)
         registry = StartedJobRegistry(job.origin, connection=self.client)
         with self.client.pipeline() as pipe:
             for held_by, execution_id in registry.get_job_and_execution_ids(cleanup=False):
                 if held_by == job.id:
                     Execution(execution_id, job.id, self.client).delete(job, pipe)
             pipe.execute()
-        return Taken(job, queue, self._start(job, queue))
+        return self._start_all([job])[job.id]
 
     def succeed(self, taken: Taken, result: dict[str, Any]) -> None:
         """The job returned ``result``: rq's own success handling (result kept, FinishedJobRegistry)."""
@@ -157,12 +190,6 @@ class RqBridge:
         other = BaseWorker.find_by_key(key, connection=self.client)
         if other is not None and other.death_date is None:
             other.register_death()  # type: ignore[no-untyped-call]
-
-    def _start(self, job: Job, queue: Queue) -> Execution:
-        execution = self.worker.prepare_execution(job)
-        self.worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
-        job.started_at = now()
-        return execution
 
 
 def foreign(job: Job) -> str | None:

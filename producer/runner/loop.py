@@ -14,13 +14,16 @@ without a word to Redis or rq: the peer that took them owns them now.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis
 
@@ -37,8 +40,12 @@ from streamfold.logs import EventLog
 from streamfold.settings import Settings
 
 log = logging.getLogger("streamfold.runner")
+T = TypeVar("T")
 
 DEQUEUE_WAIT_S = 1  # longest a dequeue blocks: how soon an idle runner sees a stop or a timer
+# Jobs taken per turn: the calls of a turn start together once all its jobs are marked started in rq, so a
+# long turn would hold the first job back while the later ones are taken.
+TAKE_AT_ONCE = 32
 HEARTBEAT_LEASES = 3  # rq's records of started jobs are refreshed every this many lease lengths
 MAINTENANCE_S = 600.0  # rq's registry clean-up, as often as rq's own workers do it
 
@@ -70,6 +77,7 @@ class Runner:
         now = time.monotonic()
         self._next = {"lease": now + settings.runner_lease / 4, "heartbeat": now, "maintenance": now}
         self._log = EventLog(log, worker=name)
+        self._threads = (ThreadPoolExecutor(1, "rq-take"), ThreadPoolExecutor(2, "rq"))
 
     async def run(self) -> int:
         """Serve until drained (or, in burst mode, until nothing is left to do); returns the exit code, 0."""
@@ -98,7 +106,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        await asyncio.to_thread(self.bridge.join)
+        await self._rq(self.bridge.join)
         await self.lease.join()
         self._log.info("runner_started", concurrency=self.concurrency, queue=self.settings.queue, burst=self.burst)
         try:
@@ -121,7 +129,7 @@ class Runner:
             return
         wait = None if self.burst else DEQUEUE_WAIT_S
         try:
-            taken, refused = await asyncio.to_thread(self.bridge.take, free, wait)
+            taken, refused = await self._rq(self.bridge.take, min(free, TAKE_AT_ONCE), wait, dequeue=True)
         except redis.RedisError as exc:
             await self._redis_trouble(exc)
             return
@@ -145,10 +153,10 @@ class Runner:
                 await self._take_over()
                 self._next["lease"] = now + self.settings.runner_lease / 4
             if now >= self._next["heartbeat"]:
-                await asyncio.to_thread(self.bridge.heartbeat_all, [held.taken for held in self._held.values()])
+                await self._rq(self.bridge.heartbeat_all, [held.taken for held in self._held.values()])
                 self._next["heartbeat"] = now + self.settings.runner_lease * HEARTBEAT_LEASES
             if now >= self._next["maintenance"]:
-                await asyncio.to_thread(self.bridge.clean_registries)
+                await self._rq(self.bridge.clean_registries)
                 self._next["maintenance"] = now + MAINTENANCE_S
         except LeaseLost:
             await self._lost()
@@ -185,7 +193,7 @@ class Runner:
             await self.lease.hold(request_id, reruns)
             if reruns > self.settings.runner_reruns:
                 outcome = await call.give_up(runner_lost(self.settings.runner_reruns))
-                await asyncio.to_thread(self.bridge.fail, taken, "runner_lost: the runner carrying this call "
+                await self._rq(self.bridge.fail, taken, "runner_lost: the runner carrying this call "
                                         f"stopped, and its re-runs are used up ({reruns - 1})")
                 self.metrics.ended("lost")
             else:
@@ -193,7 +201,7 @@ class Runner:
                     outcome = await self.calls.run(call, problem)
                 summary = {"request_id": request_id, "upstream": kwargs.get("upstream"), "outcome": outcome,
                            "calls": call.calls}
-                await asyncio.to_thread(self.bridge.succeed, taken, summary)
+                await self._rq(self.bridge.succeed, taken, summary)
                 self.metrics.ended(outcome)
         except (asyncio.CancelledError, LeaseLost, Discarded):
             return  # handed back, or taken over by a peer: whoever has the call now ends it
@@ -217,7 +225,7 @@ class Runner:
                 self._log.error("failure_not_published", request_id=call.request_id, error=str(problem))
         self._log.error("call_failed", request_id=call.request_id, error=text.splitlines()[-1])
         try:
-            await asyncio.to_thread(self.bridge.fail, taken, text)
+            await self._rq(self.bridge.fail, taken, text)
         except redis.RedisError as problem:
             self._log.error("job_not_marked", request_id=call.request_id, error=str(problem))
 
@@ -239,11 +247,11 @@ class Runner:
                 return
             adopted = await self.lease.take_over(peer, free)
             if adopted or not await self.lease.client.zscore(self.settings.keys.runner_leases(), peer):
-                await asyncio.to_thread(self.bridge.forget_runner, peer)
+                await self._rq(self.bridge.forget_runner, peer)
             if adopted:
                 self._log.warning("calls_taken_over", runner=peer, count=len(adopted))
             for request_id, reruns in adopted:
-                taken = await asyncio.to_thread(self.bridge.adopt, job_id(self.settings.keys, request_id))
+                taken = await self._rq(self.bridge.adopt, job_id(self.settings.keys, request_id))
                 if taken is None:
                     await self._forget(request_id)  # its job ended in rq meanwhile: nothing to re-run
                     continue
@@ -278,15 +286,24 @@ class Runner:
         try:
             if not self._handed_back:
                 await self.lease.leave()
-            await asyncio.to_thread(self.bridge.leave)
+            await self._rq(self.bridge.leave)
         except redis.RedisError as exc:
             self._log.warning("leave_failed", error=str(exc))
+        for pool in self._threads:
+            pool.shutdown(wait=False, cancel_futures=True)
         self._log.info("runner_stopped")
 
     async def _redis_trouble(self, exc: redis.RedisError) -> None:
         self.metrics.redis_error()
         self._log.warning("redis_unavailable", error=f"{type(exc).__name__}: {exc}")
         await asyncio.sleep(0.5)
+
+    async def _rq(self, verb: Callable[..., T], *args: Any, dequeue: bool = False) -> T:
+        """Run a blocking rq verb on the runner's threads: one takes jobs (it blocks while the queue is empty),
+        two do the rest. Few threads, not a large pool: every thread competes for the interpreter with the
+        event loop, which carries the calls."""
+        pool = self._threads[0 if dequeue else 1]
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(verb, *args))
 
     def _until_next(self) -> float:
         return max(0.01, min(self._next.values()) - time.monotonic())

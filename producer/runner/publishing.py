@@ -20,6 +20,7 @@ with the same envelopes (streamfold/contract.py) and the same start script.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from collections import deque
@@ -75,6 +76,7 @@ class Batcher:
         self._due = asyncio.Event()       # send now: a batch is full, or someone waits for a reply
         self._room = asyncio.Event()      # the buffer fell below its limit
         self._room.set()
+        self._replies = 0  # entries buffered whose sender waits for the reply
         self._start = client.register_script(START_SCRIPT)
         self._log = EventLog(log)
         self.flushes = 0
@@ -93,6 +95,7 @@ class Batcher:
         future = asyncio.get_running_loop().create_future() if reply else None
         self._entries.append(_Entry(queue, size, future))
         self._bytes += size
+        self._replies += future is not None
         self._waiting.set()
         if reply or len(self._entries) >= self._batch:
             self._due.set()
@@ -117,7 +120,7 @@ class Batcher:
                     await asyncio.wait_for(self._due.wait(), self._flush_s)
                 except TimeoutError:
                     pass
-            batch = [self._entries[i] for i in range(min(self._batch, len(self._entries)))]
+            batch = list(itertools.islice(self._entries, self._batch))
             try:
                 if self._gate is not None and not await self._gate():
                     self._discard()
@@ -153,6 +156,7 @@ class Batcher:
             self._entries.popleft()
             self._bytes -= entry.size
             error = next((part for part in reply if isinstance(part, Exception)), None)
+            self._replies -= entry.reply is not None
             if entry.reply is not None and not entry.reply.done():
                 if error is not None:
                     entry.reply.set_exception(RedisRefused(f"Redis refused a runner's write: {error}"))
@@ -163,7 +167,7 @@ class Batcher:
         if not self._entries:
             self._waiting.clear()
             self._due.clear()
-        elif len(self._entries) < self._batch and not any(e.reply for e in self._entries):
+        elif len(self._entries) < self._batch and not self._replies:
             self._due.clear()
         if self._bytes < self._limit:
             self._room.set()
@@ -173,7 +177,7 @@ class Batcher:
             if entry.reply is not None and not entry.reply.done():
                 entry.reply.set_exception(Discarded("this runner no longer holds its calls; nothing was sent"))
         self._entries.clear()
-        self._bytes = 0
+        self._bytes = self._replies = 0
         self._waiting.clear()
         self._due.clear()
         self._room.set()
