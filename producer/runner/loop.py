@@ -84,7 +84,6 @@ class Runner:
         async with self._serving():
             while not self._finished():
                 await self._take_jobs()
-                await self._keep_up()
             await self._drain()
         return 0
 
@@ -109,21 +108,26 @@ class Runner:
         await self._rq(self.bridge.join)
         await self.lease.join()
         self._log.info("runner_started", concurrency=self.concurrency, queue=self.settings.queue, burst=self.burst)
+        # The timers run beside the loop that takes jobs, so that neither waits for the other; they go on
+        # through a drain, which needs the lease renewed while the last calls finish.
+        timers = asyncio.create_task(self._keep_up_forever(), name="timers")
         try:
             async with self.calls:
                 yield
         finally:
+            timers.cancel()
+            await asyncio.gather(timers, return_exceptions=True)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self._leave()
 
     async def _take_jobs(self) -> None:
-        """Take jobs up to the free capacity; with none free, wait for a call to end (or for a timer)."""
+        """Take jobs up to the free capacity; with none free, wait for a call to end (or for a stop)."""
         free = self.concurrency - len(self._held)
         if free <= 0:
             self._room.clear()
             try:
-                await asyncio.wait_for(self._room.wait(), self._until_next())
+                await asyncio.wait_for(self._room.wait(), DEQUEUE_WAIT_S)
             except TimeoutError:
                 pass
             return
@@ -140,6 +144,11 @@ class Runner:
         self._idle = not taken and not refused and not self._held
         if self.burst and not taken and self._held:
             await asyncio.sleep(0.05)  # burst with calls in flight: the queue is empty, let them run
+
+    async def _keep_up_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._until_next())
+            await self._keep_up()
 
     async def _keep_up(self) -> None:
         """Whatever is due: the lease and stats record, rq's records of started jobs, takeovers, clean-up."""

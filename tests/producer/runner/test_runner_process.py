@@ -137,8 +137,14 @@ def test_with_no_reruns_allowed_a_lost_call_fails_runner_lost_once(pipeline: Rig
 
 def test_sigterm_lets_the_calls_in_flight_finish_and_exits_0(pipeline: Rig) -> None:
     calls = [pipeline.enqueue(SHORT, "slow") for _ in range(8)]  # 13 chunks, 100 ms apart
-    runner = pipeline.runner("--name", f"{pipeline.settings.namespace}-a")
+    name = f"{pipeline.settings.namespace}-a"
+    runner = pipeline.runner("--name", name)
     wait_until(lambda: all(pipeline.streaming(rid, 2) for rid in calls), what="every call to stream")
+    # While the calls run, rq sees them running, on one worker: the runner.
+    assert {pipeline.job(rid).get_status() for rid in calls} == {JobStatus.STARTED}
+    assert StartedJobRegistry(pipeline.settings.queue, connection=pipeline.client).count == len(calls)
+    (worker,) = [w for w in Worker.all(connection=pipeline.client) if w.name == name]
+    assert {pipeline.job(rid).worker_name for rid in calls} == {name}
     output = pipeline.stop(runner)
     assert runner.returncode == 0, output
     pipeline.assemble()
