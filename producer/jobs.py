@@ -29,10 +29,10 @@ from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from producer.publisher import Publisher, new_request_id
-from producer.runner.call import CANCELLED, CANCELLED_ERROR
-from streamfold.connection import connected, redis_errors
+from producer.runner.call import CANCELLED, CANCELLED_ERROR, crash_error
+from streamfold.connection import connect, connected, redis_errors
 from streamfold.contract import validate_request_id
-from streamfold.errors import ContractError
+from streamfold.errors import ContractError, StreamfoldError
 from streamfold.keys import Keys
 from streamfold.settings import DEFAULT_UPSTREAM, Settings, load_settings
 
@@ -121,9 +121,35 @@ def run_chat_completion(request_id: str, upstream: str, params: dict[str, Any],
     """
     from producer.runner.calls import run_one  # the call runner's stack loads only where jobs run
 
-    summary = asyncio.run(run_one(load_settings(), request_id, upstream, params, meta))
+    settings = load_settings()
+    try:
+        summary = asyncio.run(run_one(settings, request_id, upstream, params, meta))
+    except Exception as exc:
+        # rq's job timeout (JobTimeoutException) lands here, raised into the event loop, which then cancels
+        # the call unpublished: give the request its failed result instead of a stall.
+        _fail_after_crash(settings, request_id, exc)
+        raise
     log.info("request %s: %s after %d upstream call(s)", request_id, summary["outcome"], summary["calls"])
     return dict(summary)
+
+
+def _fail_after_crash(settings: Settings, request_id: str, exc: Exception) -> None:
+    """Best effort: end a request whose job died, in a new attempt after whatever it had pushed, unless its
+    stream has ended already (the call published its own failure)."""
+    keys = settings.keys
+    try:
+        with connect(settings) as client:
+            last = client.xrevrange(keys.chunks(request_id), count=1)
+            if last and last[0][1].get(b"k") in (b"end", b"error"):
+                return
+            publisher = Publisher(client, keys, batch_size=1, max_age=settings.stream_max_age)
+            if last:
+                publisher.new_attempt(request_id)
+            else:
+                publisher.start(request_id, token=job_id(keys, request_id))
+            publisher.fail(request_id, crash_error(exc))
+    except (StreamfoldError, redis.RedisError):
+        log.error("request %s: could not publish the failure; workers will find it stalled", request_id)
 
 
 def _json_object(value: Mapping[str, Any], what: str) -> dict[str, Any]:

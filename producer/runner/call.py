@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import redis.asyncio
 
-from producer.runner.publishing import RequestStream
+from producer.runner.publishing import RequestStream, patiently
 from producer.upstream import RetryPolicy, UpstreamClient, failure
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import RedisUnavailable, UpstreamError
@@ -54,10 +54,15 @@ def crash_error(exc: BaseException) -> ErrorInfo:
 async def claim(client: redis.asyncio.Redis, keys: Keys, request_id: str, ttl: int) -> Claim:
     """Take the request before publishing anything (one round trip, atomic); see the module docstring."""
     key = keys.cancel(request_id)
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.set(key, RUNNING, nx=True, ex=ttl)
-        pipe.get(key)
-        created, value = await pipe.execute()
+
+    async def claim_once() -> list[Any]:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.set(key, RUNNING, nx=True, ex=ttl)
+            pipe.get(key)
+            replies: list[Any] = await pipe.execute()
+            return replies
+
+    created, value = await patiently(claim_once, "claiming a request")
     if created:
         return "first"
     return "rerun" if value == RUNNING else "cancelled"

@@ -20,6 +20,7 @@ from importlib import resources
 import orjson
 import redis.asyncio
 
+from producer.runner.publishing import patiently
 from streamfold.keys import Keys
 
 _LUA = resources.files("producer").joinpath("lua")
@@ -64,12 +65,12 @@ class Lease:
 
     async def hold(self, request_id: str, reruns: int = 0) -> None:
         """Record a call before it publishes anything, so that a peer can re-run it should this runner die."""
-        await self.client.hset(self._calls, request_id, reruns)
+        await patiently(lambda: self.client.hset(self._calls, request_id, reruns), "recording a call")
 
     async def release(self, request_ids: list[str]) -> None:
         """Forget calls that ended (their rq jobs are marked): nobody needs to re-run them."""
         if request_ids:
-            await self.client.hdel(self._calls, *request_ids)
+            await patiently(lambda: self.client.hdel(self._calls, *request_ids), "forgetting a call")
 
     async def expired_peers(self) -> list[str]:
         """Runners whose lease has run out, by Redis's clock."""

@@ -71,7 +71,6 @@ class Runner:
         self._held: dict[str, Held] = {}
         self._room = asyncio.Event()
         self._drain_until: float | None = None
-        self._stop = asyncio.Event()
         self._idle = False
         self._handed_back = False
         now = time.monotonic()
@@ -95,7 +94,6 @@ class Runner:
             self._log.info("draining", in_flight=len(self._held), grace_s=self.settings.shutdown_grace)
         else:
             self._drain_until = now
-        self._stop.set()
         self._room.set()
 
     # --- steps -----------------------------------------------------------------------------------------
@@ -148,7 +146,11 @@ class Runner:
     async def _keep_up_forever(self) -> None:
         while True:
             await asyncio.sleep(self._until_next())
-            await self._keep_up()
+            try:
+                await self._keep_up()
+            except Exception:  # noqa: BLE001  (a fault in one turn must not stop the lease being renewed)
+                self._log.exception("runner_fault")
+                await asyncio.sleep(1.0)
 
     async def _keep_up(self) -> None:
         """Whatever is due: the lease and stats record, rq's records of started jobs, takeovers, clean-up."""
@@ -176,9 +178,8 @@ class Runner:
         """Let the calls in flight finish until the drain's end; hand back what is left."""
         while self._held and self._drain_until is not None and time.monotonic() < self._drain_until:
             tasks = [held.task for held in self._held.values()]
-            await asyncio.wait(tasks, timeout=max(0.0, self._drain_until - time.monotonic()))
-            if not self._stop.is_set():
-                break
+            # Short waits, so that a second signal (the drain's end moved to now) hands back at once.
+            await asyncio.wait(tasks, timeout=min(0.5, max(0.0, self._drain_until - time.monotonic())))
         if self._held:
             await self._hand_back()
 

@@ -26,7 +26,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
@@ -43,6 +43,31 @@ from streamfold.logs import EventLog
 log = logging.getLogger("streamfold.runner")
 
 Queue = Callable[[Pipeline], int]  # queues an entry's commands on a pipeline; returns how many
+
+
+T = TypeVar("T")
+
+
+def backoff_s(failures: int) -> float:
+    """How long to wait after ``failures`` sends in a row found Redis away: 50 ms doubling to 2 s, jittered."""
+    return float(min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+
+
+async def patiently(command: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run a call's own Redis command (a claim, a read), waiting out a Redis that cannot serve for now rather
+    than failing the call: a Redis outage must not cost a call its upstream attempt or its result."""
+    failures = 0
+    while True:
+        try:
+            return await command()
+        except redis.RedisError as exc:
+            if not cannot_serve(exc):
+                raise
+            failures += 1
+            delay = backoff_s(failures)
+            EventLog(log).warning("redis_unavailable", doing=what, error=f"{type(exc).__name__}: {exc}",
+                                  retry_in_s=round(delay, 3))
+            await asyncio.sleep(delay)
 
 
 class Discarded(Exception):
@@ -127,13 +152,14 @@ class Batcher:
                     continue
                 replies = await self._execute(batch)
             except redis.RedisError as exc:
-                if not cannot_serve(exc):
-                    raise
+                # Whatever Redis answered - away, failing over, refusing the whole batch - the batch waits and
+                # goes again: the calls' entries must not be dropped, and a refusal may be put right meanwhile.
                 failures += 1
                 if self._on_redis_error is not None:
                     self._on_redis_error()
-                delay = min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
-                self._log.warning("redis_unavailable", error=f"{type(exc).__name__}: {exc}", buffered=self.buffered,
+                delay = backoff_s(failures)
+                event = "redis_unavailable" if cannot_serve(exc) else "redis_refused"
+                self._log.warning(event, error=f"{type(exc).__name__}: {exc}", buffered=self.buffered,
                                   retry_in_s=round(delay, 3))
                 await asyncio.sleep(delay)
                 continue
@@ -217,7 +243,7 @@ class RequestStream:
     async def last_entry(self) -> Envelope | None:
         """The newest envelope in the request's stream, None when it has none: where a re-run picks up."""
         await self._batcher.drain()
-        newest = await self._batcher.client.xrevrange(self.key, count=1)
+        newest = await patiently(lambda: self._batcher.client.xrevrange(self.key, count=1), "reading a stream")
         return decode_envelope(cast(Fields, newest[0][1])) if newest else None
 
     def follow(self, attempt: int) -> None:

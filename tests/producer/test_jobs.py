@@ -167,3 +167,25 @@ def test_the_job_function_runs_its_call_the_runners_way_on_an_event_loop_of_its_
     fake_redis.set(settings.keys.cancel(RID), b"cancelled")
     assert jobs.run_chat_completion(RID, "default", BODY, {}) == {"request_id": RID, "upstream": "default",
                                                                     "outcome": "skipped", "calls": 0}
+
+
+def test_a_job_that_dies_under_rq_fails_its_request_in_a_new_attempt_after_what_it_pushed(
+        fake_redis: fakeredis.FakeRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rq's job timeout is raised into the call's event loop, which cancels the call before it publishes."""
+    keys = settings.keys
+    monkeypatch.setattr(jobs, "load_settings", lambda: settings)
+    monkeypatch.setattr(jobs, "connect", lambda settings: fake_redis)
+
+    async def timed_out(*args: object) -> None:
+        from producer.publisher import Publisher
+        publisher = Publisher(fake_redis, keys, batch_size=1)
+        publisher.start(RID, token=job_id(keys, RID))
+        publisher.push(RID, b'{"choices": []}')
+        raise TimeoutError("JobTimeoutException")
+
+    monkeypatch.setattr(runner_calls, "run_one", timed_out)
+    with pytest.raises(TimeoutError):
+        jobs.run_chat_completion(RID, "default", BODY, {})
+    published = envelopes(fake_redis, keys)
+    assert [(e.kind, e.attempt) for e in published] == [("start", 0), ("chunk", 0), ("error", 1)]
+    assert decode_error(published[-1])["type"] == "producer_error"

@@ -12,7 +12,7 @@ import fakeredis
 import pytest
 import redis
 
-from producer.runner.publishing import Batcher, Discarded, RequestStream
+from producer.runner.publishing import Batcher, Discarded, RequestStream, patiently
 from streamfold.contract import decode_envelope
 from streamfold.keys import Keys
 
@@ -137,3 +137,23 @@ def test_once_the_gate_closes_nothing_buffered_is_written_and_waiters_hear_why(k
 
     asyncio.run(scenario())
     assert chunks(server, keys, "r0") == []
+
+
+def test_a_calls_own_command_waits_out_a_redis_that_is_away_instead_of_failing_the_call() -> None:
+    answers: list[object] = [redis.ConnectionError("Connection refused"), redis.TimeoutError("Timeout"), "ok"]
+
+    async def command() -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert asyncio.run(patiently(command, "claiming a request")) == "ok"
+
+
+def test_a_command_redis_refuses_for_good_is_not_retried() -> None:
+    async def command() -> object:
+        raise redis.ResponseError("NOPERM this user has no permissions")
+
+    with pytest.raises(redis.ResponseError):
+        asyncio.run(patiently(command, "claiming a request"))
