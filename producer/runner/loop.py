@@ -33,7 +33,7 @@ from producer.runner.call import Call, crash_error
 from producer.runner.calls import Calls
 from producer.runner.leases import Lease, LeaseLost
 from producer.runner.metrics import RunnerMetrics
-from producer.runner.publishing import Discarded
+from producer.runner.publishing import Discarded, patiently
 from streamfold.contract import ErrorInfo
 from streamfold.errors import RedisRefused
 from streamfold.logs import EventLog
@@ -203,15 +203,15 @@ class Runner:
             await self.lease.hold(request_id, reruns)
             if reruns > self.settings.runner_reruns:
                 outcome = await call.give_up(runner_lost(self.settings.runner_reruns))
-                await self._rq(self.bridge.fail, taken, "runner_lost: the runner carrying this call "
-                                        f"stopped, and its re-runs are used up ({reruns - 1})")
+                await self._mark(self.bridge.fail, taken, "runner_lost: the runner carrying this call stopped, and "
+                                 f"its re-runs are used up ({reruns - 1})")
                 self.metrics.ended("lost")
             else:
                 async with asyncio.timeout(taken.job.timeout or self.settings.job_timeout):
                     outcome = await self.calls.run(call, problem)
                 summary = {"request_id": request_id, "upstream": kwargs.get("upstream"), "outcome": outcome,
                            "calls": call.calls}
-                await self._rq(self.bridge.succeed, taken, summary)
+                await self._mark(self.bridge.succeed, taken, summary)
                 self.metrics.ended(outcome)
         except (asyncio.CancelledError, LeaseLost, Discarded):
             return  # handed back, or taken over by a peer: whoever has the call now ends it
@@ -234,10 +234,7 @@ class Runner:
             except (redis.RedisError, RedisRefused, Discarded) as problem:
                 self._log.error("failure_not_published", request_id=call.request_id, error=str(problem))
         self._log.error("call_failed", request_id=call.request_id, error=text.splitlines()[-1])
-        try:
-            await self._rq(self.bridge.fail, taken, text)
-        except redis.RedisError as problem:
-            self._log.error("job_not_marked", request_id=call.request_id, error=str(problem))
+        await self._mark(self.bridge.fail, taken, text)
 
     async def _forget(self, request_id: str) -> None:
         try:
@@ -314,6 +311,10 @@ class Runner:
         event loop, which carries the calls."""
         pool = self._threads[0 if dequeue else 1]
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(verb, *args))
+
+    async def _mark(self, verb: Callable[[Taken, Any], None], taken: Taken, outcome: Any) -> None:
+        """End a job in rq, waiting out a Redis that cannot serve for now: the call ended, and rq must say so."""
+        await patiently(lambda: self._rq(verb, taken, outcome), "ending a job in rq")
 
     def _until_next(self) -> float:
         return max(0.01, min(self._next.values()) - time.monotonic())

@@ -141,10 +141,11 @@ class Batcher:
         while True:
             await self._waiting.wait()
             if not self._due.is_set():
-                try:
-                    await asyncio.wait_for(self._due.wait(), self._flush_s)
-                except TimeoutError:
-                    pass
+                # A timer that sets ``_due``, rather than wait_for: this runs at every flush, and wait_for
+                # makes a task each time.
+                timer = asyncio.get_running_loop().call_later(self._flush_s, self._due.set)
+                await self._due.wait()
+                timer.cancel()
             batch = list(itertools.islice(self._entries, self._batch))
             try:
                 if self._gate is not None and not await self._gate():

@@ -404,7 +404,7 @@ def test_a_burst_of_a_thousand_connections_is_accepted_without_a_refusal(upstrea
         async with httpx.AsyncClient(base_url=upstream.base_url, timeout=30, limits=limits) as http:
             async def one() -> int:
                 async with http.stream("POST", "/chat/completions", json=chat_body("groq_tool_call_whole_args"),
-                                       params={"mock_latency_ms": "200"}) as response:
+                                       params={"mock_latency_ms": "500"}) as response:
                     await response.aread()
                     return response.status_code
             return await asyncio.gather(*(one() for _ in range(1000)))

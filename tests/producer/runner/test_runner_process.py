@@ -49,7 +49,7 @@ def assert_rq_finished(pipeline: Rig, count: int) -> None:
 
 def test_one_runner_carries_many_calls_at_once_each_ending_once_completed(pipeline: Rig) -> None:
     for _ in range(40):
-        pipeline.enqueue(SHORT, "paced")  # 13 chunks, 20 ms apart
+        pipeline.enqueue(SHORT, "slow")  # 13 chunks, 100 ms apart: 1.3 s, long enough to overlap on a busy box
     runner = pipeline.runner("--burst", "--concurrency", "64", "--name", f"{pipeline.settings.namespace}-a")
     output, _ = runner.communicate(timeout=60)
     assert runner.returncode == 0, output
@@ -59,7 +59,7 @@ def test_one_runner_carries_many_calls_at_once_each_ending_once_completed(pipeli
     assert_exactly_one_result_each(pipeline)
     assert_rq_finished(pipeline, 40)
     summary = pipeline.job(pipeline.request_ids[0]).return_value()
-    assert summary == {"request_id": pipeline.request_ids[0], "upstream": "paced", "outcome": "ended", "calls": 1}
+    assert summary == {"request_id": pipeline.request_ids[0], "upstream": "slow", "outcome": "ended", "calls": 1}
     assert "sk-runner-test" not in output
 
 
