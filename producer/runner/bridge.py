@@ -65,6 +65,9 @@ class RqBridge:
         self.queue = self.worker.queues[0]
 
     def join(self) -> None:
+        """Register with rq. A registration of this name left by a process that died (a restart under the same
+        ``--name``) is ended first: names are one runner's each."""
+        self.forget_runner(self.worker.name)
         self.worker.register_birth()  # type: ignore[no-untyped-call]
         self.worker.set_state(WorkerStatus.IDLE)
 

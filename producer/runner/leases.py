@@ -13,6 +13,7 @@ peer took its calls - drops them at once and never writes for them again (``chec
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -46,6 +47,16 @@ class Lease:
         self.lost = False
 
     async def join(self) -> None:
+        """Take the lease. Calls left in this runner's hash by an earlier process of the same name (a restart
+        after a crash) are first set aside under a lost runner's name, for the takeover pass to re-run."""
+        leftover = f"{self.name}-lost-{secrets.token_hex(3)}"
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(self._calls)
+            if await pipe.hlen(self._calls):
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.rename(self._calls, self.keys.runner_calls(leftover))
+                pipe.zadd(self.keys.runner_leases(), {leftover: 0})
+                await pipe.execute()
         await self._renew("join")
         self.lost = False
 

@@ -140,3 +140,21 @@ def test_a_clean_leave_removes_the_lease_calls_and_stats(keys: Keys) -> None:
 
     asyncio.run(scenario())
     assert redis.zcard(keys.runner_leases()) == 0 and redis.hlen(keys.runner_stats()) == 0
+
+
+def test_calls_left_by_a_crashed_runner_of_the_same_name_are_set_aside_for_the_takeover(keys: Keys) -> None:
+    server = fakeredis.FakeServer()
+    redis = fakeredis.FakeRedis(server=server)
+    crashed, restarted, peer = lease(server, keys, "a"), lease(server, keys, "a"), lease(server, keys, "peer")
+
+    async def scenario() -> list[tuple[str, int]]:
+        await crashed.join()
+        await crashed.hold("r1")
+        await restarted.join()  # the same name, a new process: r1 must not stay in a live lease's hash
+        await peer.join()
+        (lost,) = await peer.expired_peers()
+        assert lost.startswith("a-lost-")
+        return await peer.take_over(lost, 10)
+
+    assert asyncio.run(scenario()) == [("r1", 1)]
+    assert redis.hlen(keys.runner_calls("a")) == 0
