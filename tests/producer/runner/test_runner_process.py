@@ -7,9 +7,12 @@ Overlap is shown by the mock upstream's count of requests served at once, never 
 from __future__ import annotations
 
 import operator
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -203,3 +206,59 @@ def test_a_job_that_is_not_a_streamfold_call_is_failed_never_run(pipeline: Rig, 
     assert job.get_status() == JobStatus.FAILED and job.return_value() is None
     assert "not a Streamfold call: _operator.add" in str(job.latest_result().exc_string)  # type: ignore[union-attr]
     pipeline.request_ids.append(job.id)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of this test's own, so that it can be paused without stopping anyone else's."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server to pause")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    wait_until(lambda: _answers(client), what="redis-server to start")
+    client.close()
+    try:
+        yield url, server
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(10)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_calls_wait_out_a_redis_that_stops_answering_and_lose_neither_chunks_nor_attempts(
+        private_redis: tuple[str, subprocess.Popen[bytes]], namespace: str) -> None:
+    url, server = private_redis
+    with rig(url, namespace) as pipeline:
+        calls = [pipeline.enqueue(LONG, "paced") for _ in range(8)]  # 275 chunks, 20 ms apart
+        runner = pipeline.runner("--name", f"{namespace}-a", STREAMFOLD_SOCKET_TIMEOUT="1")
+        wait_until(lambda: all(pipeline.streaming(rid, 5) for rid in calls), what="every call to stream")
+        server.send_signal(signal.SIGSTOP)  # Redis stops answering for longer than the runner's socket timeout
+        time.sleep(3)
+        server.send_signal(signal.SIGCONT)
+        wait_until(lambda: all(pipeline.job(rid).get_status() == JobStatus.FINISHED for rid in calls), timeout=60,
+                   what="every call to finish")
+        output = pipeline.stop(runner)
+        assert runner.returncode == 0, output
+        pipeline.assemble()
+
+        assert '"event":"redis_unavailable"' in output  # it did lose Redis for a while
+        for request_id in calls:
+            record = pipeline.result(request_id)
+            assert record["status"] == "completed", request_id
+            assert record["metrics"]["attempts"] == 1  # no upstream retry was spent on Redis
+            assert record["metrics"]["chunks"] == 275 and record["warnings"] == []  # no chunk lost
+            assert pipeline.published(request_id) == (1, 1)
+        assert len(pipeline.upstream.requests_seen) == len(calls)
