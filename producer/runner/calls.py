@@ -106,7 +106,12 @@ class Calls:
                         tb: TracebackType | None) -> None:
         try:
             if exc_type is None:
-                await self.batcher.drain()
+                # Bounded: a process told to stop must stop, even with a Redis that no longer answers. Every
+                # call that ended waited for its end to be sent, so what could be left is never a call's end.
+                async with asyncio.timeout(2 * self.settings.socket_timeout):
+                    await self.batcher.drain()
+        except TimeoutError:
+            self._log.error("entries_unsent", count=self.batcher.buffered)
         finally:
             for task in self._tasks:
                 task.cancel()

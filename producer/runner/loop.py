@@ -52,6 +52,8 @@ MAINTENANCE_S = 600.0  # rq's registry clean-up, as often as rq's own workers do
 
 @dataclass
 class Held:
+    """A call this runner holds: its rq job, and the task carrying it."""
+
     taken: Taken
     task: asyncio.Task[None]
 
@@ -291,11 +293,12 @@ class Runner:
 
     async def _leave(self) -> None:
         try:
-            if not self._handed_back:
-                await self.lease.leave()
-            await self._rq(self.bridge.leave)
-        except redis.RedisError as exc:
-            self._log.warning("leave_failed", error=str(exc))
+            async with asyncio.timeout(2 * self.settings.socket_timeout):  # leave, even from a silent Redis
+                if not self._handed_back:
+                    await self.lease.leave()
+                await self._rq(self.bridge.leave)
+        except (redis.RedisError, TimeoutError) as exc:
+            self._log.warning("leave_failed", error=f"{type(exc).__name__}: {exc}")
         for pool in self._threads:
             pool.shutdown(wait=False, cancel_futures=True)
         self._log.info("runner_stopped")

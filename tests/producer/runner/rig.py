@@ -87,7 +87,7 @@ class Rig:
         """Whether the call has pushed at least ``chunks`` entries beyond its start."""
         return bool(self.client.xlen(self.settings.keys.chunks(request_id)) > chunks)
 
-    def stop(self, process: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 30) -> str:
+    def stop(self, process: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> str:
         """Signal a runner and wait for it; returns its output."""
         process.send_signal(sig)
         output, _ = process.communicate(timeout=timeout)

@@ -27,7 +27,8 @@ from producer.runner.bridge import RqBridge
 from tests.conftest import ROOT
 from tests.producer.runner.rig import LONG, SHORT, Rig, rig, wait_until
 
-pytestmark = pytest.mark.redis
+# Real processes on a shared machine: a slow minute must not fail a test that is right.
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
