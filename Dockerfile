@@ -1,4 +1,4 @@
-# One image for every Streamfold role: the stream worker, the rq job runner and the mock upstream.
+# One image for every Streamfold role: the stream worker, the call runner and the mock upstream.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1

@@ -27,6 +27,7 @@ from producer.results import (UsageReader, follow_results, get_result, stored_us
 from streamfold.connection import connect
 from streamfold.contract import MODES
 from streamfold.errors import ConfigError, StreamfoldError
+from streamfold.logs import LOG_FORMATS
 from streamfold.settings import Settings, load_settings
 
 PROG = "python -m producer"
@@ -38,8 +39,10 @@ _ENQUEUING = (*_CONNECTION, "queue", "job_timeout")
 _PUBLISHING = (*_CONNECTION, "stream_max_age")
 _GATEWAY = (*_ENQUEUING, "block_ms", "read_count", "gateway_host", "gateway_port", "gateway_keys", "gateway_link_ttl",
             "result_ttl", "shutdown_grace", "metrics_port", "log_format")
-_WORKING = (*_ENQUEUING, "upstream_connect_timeout", "upstream_read_timeout", "upstream_retries",
-            "upstream_backoff", "upstream_backoff_max", "cancel_ttl", "stream_max_age")
+_WORKING = (*_ENQUEUING, "runner_concurrency", "runner_lease", "runner_reruns", "runner_flush_ms", "runner_batch",
+            "runner_buffer_bytes", "shutdown_grace", "upstream_connect_timeout", "upstream_read_timeout",
+            "upstream_retries", "upstream_backoff", "upstream_backoff_max", "cancel_ttl", "stream_max_age",
+            "metrics_port", "log_format")
 
 
 MOCK_UPSTREAM_HELP = textwrap.fill(
@@ -131,12 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--upstream", default="default", metavar="NAME", help="upstream to call (default: default)")
     enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for the result")
 
-    work = _command(commands, "work", _work, _WORKING, "run an rq worker for chat completion jobs",
-                    "Run an rq worker on the STREAMFOLD_QUEUE queue: it calls the upstreams named in "
-                    "STREAMFOLD_UPSTREAMS, reading API keys from the environment variables they name, and "
-                    "pushes what they stream. `rq worker --url URL QUEUE` runs the same jobs.")
-    work.add_argument("--burst", action="store_true", help="stop once the queue is empty")
-    work.add_argument("--name", metavar="NAME", help="worker name (default: rq picks one)")
+    work = _command(commands, "work", _work, _WORKING, "run a call runner: many upstream calls per process",
+                    "Run a call runner on the STREAMFOLD_QUEUE queue: it takes the jobs enqueued there and runs up "
+                    "to --concurrency upstream calls at once on one event loop, calling the upstreams named in "
+                    "STREAMFOLD_UPSTREAMS with API keys read from the environment variables they name, and pushes "
+                    "what they stream. It is one rq worker to rq (rq info lists it; job states stay true). Calls "
+                    "of a runner that dies are re-run by a live one after STREAMFOLD_RUNNER_LEASE. SIGTERM "
+                    "drains: no new jobs, calls in flight finish for up to STREAMFOLD_SHUTDOWN_GRACE seconds, the "
+                    "rest are handed back; a second signal hands back at once. `rq worker --url URL QUEUE` runs "
+                    "the same jobs one call per process.")
+    work.add_argument("--concurrency", type=int, metavar="N",
+                      help="calls held at once (default: STREAMFOLD_RUNNER_CONCURRENCY, 256)")
+    work.add_argument("--burst", action="store_true", help="stop once the queue is empty and no call is in flight")
+    work.add_argument("--name", metavar="NAME", help="runner and rq worker name (default: host-pid-random)")
+    work.add_argument("--metrics-port", type=int, metavar="PORT",
+                      help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: STREAMFOLD_METRICS_PORT)")
+    work.add_argument("--log-format", choices=LOG_FORMATS,
+                      help="text or json, one event per line (default: STREAMFOLD_LOG_FORMAT, text)")
     work.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                       help="log level (default: INFO)")
 
@@ -154,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--probe", action="store_true",
                          help="do not serve: ask the gateway at --host/--port for /healthz and exit 0 when it is "
                               "healthy, 1 when not (for container probes)")
+
+    runners = _command(commands, "runners", _runners, _CONNECTION + ("runner_lease",),
+                       "show the call runners, or check that one is live",
+                       "Show every call runner from Redis (read-only): its lease (live, or expired: its calls "
+                       "wait for a live runner to take them over), calls held, concurrency, calls done, chunks and "
+                       "re-runs. With --check, exit 0 when a runner holds a live lease and no expired one holds "
+                       "calls, 1 otherwise, printing the reason: a probe for containers.")
+    runners.add_argument("--json", action="store_true", help="print one JSON object")
+    runners.add_argument("--check", action="store_true", help="exit 0 if served, 1 if not (one line says why)")
 
     commands.add_parser("mock-upstream", add_help=False,
                         help="serve an OpenAI-compatible mock upstream (see: mock-upstream --help)")
@@ -182,7 +205,8 @@ def _settings_epilog(names: Sequence[str]) -> str:
     for name in names:
         field = fields[name]
         default = field.get_default(call_default_factory=True)
-        lines.append(f"  STREAMFOLD_{name.upper():<16} {field.description} (default: {default if default != {} else 'none'})")
+        shown = "off" if default is None else "none" if default == {} else default
+        lines.append(f"  STREAMFOLD_{name.upper():<24} {field.description} (default: {shown})")
     return "\n".join(lines)
 
 
@@ -282,7 +306,22 @@ def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
 
 def _work(args: argparse.Namespace, settings: Settings) -> int:
     from producer.work import run_worker
-    run_worker(settings, burst=args.burst, name=args.name, log_level=args.log_level)
+    return run_worker(settings, burst=args.burst, name=args.name, concurrency=args.concurrency,
+                      metrics_port=args.metrics_port, log_format=args.log_format, log_level=args.log_level)
+
+
+def _runners(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.runner import view
+    with connect(settings) as client:
+        report = view.collect(client, settings)
+    if args.check:
+        healthy, reason = view.check(report)
+        print(f"{'healthy' if healthy else 'unhealthy'}: {reason}", file=sys.stdout if healthy else sys.stderr)
+        return 0 if healthy else 1
+    if args.json:
+        _emit(report)
+    else:
+        sys.stdout.write(view.render(report))
     return 0
 
 

@@ -1,196 +1,62 @@
-"""A mock OpenAI-compatible upstream that replays captured streams, with faults on request.
+"""A mock LLM upstream that replays captured streams in each API's wire format, with faults on request.
 
 ``POST /v1/chat/completions`` with ``"stream": true`` answers as OpenAI does: one ``data: <chunk>`` event per
-line of the fixture named by the request's ``model`` (a ``*.jsonl`` file stem), byte for byte, then
-``data: [DONE]``. ``GET /v1/models`` lists the fixtures. Request headers or query parameters inject the
-failures a real upstream shows (see ``FAULT_HELP``), so the upstream path can be tested without any LLM.
+line of the fixture named by the request's ``model`` (a ``*.jsonl`` file stem in fixtures/seeds or
+fixtures/recorded), byte for byte, then ``data: [DONE]``. The native APIs replay fixtures/native/<api>/:
+``POST /v1/messages`` (Anthropic) and ``POST /v1/responses`` (OpenAI Responses) as ``event: <type>`` +
+``data:`` events, ``POST /v1beta/models/<model>:streamGenerateContent?alt=sse`` (Gemini) as ``data:`` lines.
+``GET /v1/models`` lists the chat fixtures. Request headers or query parameters inject the failures real
+upstreams show (producer/mock_wire.py), each API's error bodies in its own shape.
 
-It is built on the standard library's ``ThreadingHTTPServer``: it is a test tool, so one thread per request
-is plenty and it adds no dependency. Every response closes its connection; streams are sent with chunked
-transfer encoding, so a client tells a complete stream from a dropped one.
+Served by uvicorn on one asyncio loop, listening with a backlog of ``BACKLOG`` rather than the standard
+library server's 5, so a thousand streams opening at once are all accepted and a benchmark measures the
+runner, never the mock. ``peak_connections`` is the most requests it served at once, which tests use to see
+that calls really overlap.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import asyncio
 import json
 import logging
+import re
 import signal
+import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from producer.mock_wire import (FAULT_HELP, FaultError, Faults, FixtureCatalogue, error_body, openai_error, read_faults,
+                                sse_frames, status_message)
+
+__all__ = ["DEFAULT_FIXTURE_DIRS", "Faults", "MockUpstream", "SeenRequest", "main", "sse_frames"]
 
 _log = logging.getLogger(__name__)
 
 _REPO_FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DEFAULT_FIXTURE_DIRS = (_REPO_FIXTURES / "seeds", _REPO_FIXTURES / "recorded")
-CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
-MODELS_PATHS = frozenset({"/v1/models", "/models"})
-
-FAULT_HELP = """\
-fault injection (request header X-Mock-<Name>, or query parameter mock_<name>; the query wins):
-  X-Mock-Latency-Ms        mock_latency_ms        sleep this many ms before each event
-  X-Mock-Disconnect-After  mock_disconnect_after  send N chunks, then drop the connection (no [DONE])
-  X-Mock-Malformed-After   mock_malformed_after   after N chunks send one `data: {not json` event, go on
-  X-Mock-Error-After       mock_error_after       after N chunks send `event: error` with an error body, end
-  X-Mock-Status            mock_status            answer with this status (429, 500, ...) and an error body
-  X-Mock-Retry-After       mock_retry_after       with a status: send Retry-After: <seconds>
-  X-Mock-Fail-Times        mock_fail_times        apply the failure faults only to the first K requests
-  X-Mock-Key               mock_key               that carry this key (a counter per key; default "")
-
-example:
-  curl -N http://127.0.0.1:8400/v1/chat/completions -H 'X-Mock-Latency-Ms: 50' \\
-    -d '{"model": "openai_refusal", "messages": [], "stream": true}'
-"""
-
-_DONE = b"data: [DONE]\n\n"
-_MALFORMED = b"data: {not json\n\n"
-
-
-class FaultError(ValueError):
-    """A fault header or query parameter that cannot be read; answered with 400."""
-
-
-@dataclass(frozen=True, slots=True)
-class Faults:
-    """The faults one request asked for; the defaults describe a healthy upstream."""
-
-    latency_ms: int = 0
-    disconnect_after: int | None = None
-    malformed_after: int | None = None
-    error_after: int | None = None
-    status: int | None = None
-    retry_after: int | None = None
-    fail_times: int | None = None
-    key: str = ""
-
-    def without_failures(self) -> Faults:
-        """Only the latency: what a request past its ``fail_times`` gets."""
-        return Faults(latency_ms=self.latency_ms)
-
-    def describe(self) -> str:
-        """The faults that differ from a healthy upstream, as ``name=value`` words, for the request log."""
-        healthy = Faults()
-        active = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-                  if getattr(self, f.name) != getattr(healthy, f.name)]
-        return " ".join(active) or "-"
-
-
-def header_name(fault: str) -> str:
-    """``disconnect_after`` -> ``X-Mock-Disconnect-After``."""
-    return "X-Mock-" + "-".join(part.capitalize() for part in fault.split("_"))
-
-
-def read_faults(query: Mapping[str, list[str]], headers: Message[str, str]) -> Faults:
-    """The faults asked for by query parameters ``mock_<name>`` or headers ``X-Mock-<Name>``."""
-
-    def raw(name: str) -> str | None:
-        values = query.get(f"mock_{name}")
-        return values[-1] if values else headers.get(header_name(name))
-
-    def number(name: str) -> int | None:
-        text = raw(name)
-        if text is None:
-            return None
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise FaultError(f"{header_name(name)} / mock_{name} must be a non-negative integer, got {text!r}")
-        return value
-
-    status = number("status")
-    if status is not None and not 400 <= status <= 599:
-        raise FaultError(f"{header_name('status')} / mock_status must be an error status (400-599), got {status}")
-    return Faults(
-        latency_ms=number("latency_ms") or 0,
-        disconnect_after=number("disconnect_after"),
-        malformed_after=number("malformed_after"),
-        error_after=number("error_after"),
-        status=status,
-        retry_after=number("retry_after"),
-        fail_times=number("fail_times"),
-        key=raw("key") or "",
-    )
-
-
-def sse_frames(chunks: Sequence[bytes], faults: Faults) -> Iterator[bytes | None]:
-    """The SSE events to send, in order; ``None`` means: drop the connection here.
-
-    A fault placed after more chunks than the stream has strikes after the last one, before ``[DONE]``.
-    """
-    last = len(chunks)
-    disconnect_at, malformed_at, error_at = (
-        None if n is None else min(n, last)
-        for n in (faults.disconnect_after, faults.malformed_after, faults.error_after)
-    )
-    for sent in range(last + 1):
-        if sent == disconnect_at:
-            yield None
-            return
-        if sent == malformed_at:
-            yield _MALFORMED
-        if sent == error_at:
-            error = openai_error(f"Injected stream error (error_after={sent}).", "server_error")
-            yield b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
-            return
-        if sent < last:
-            yield b"data: " + chunks[sent] + b"\n\n"
-    yield _DONE
-
-
-def openai_error(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, object]:
-    """An error body shaped as OpenAI's: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def status_error(status: int) -> dict[str, object]:
-    """The error body of an injected status."""
-    if status == 429:
-        message = "Rate limit reached (injected by the mock upstream)."
-        return openai_error(message, "requests", "rate_limit_exceeded")
-    if status >= 500:
-        message = "The server had an error processing your request (injected by the mock upstream)."
-        return openai_error(message, "server_error")
-    return openai_error(f"Injected error status {status}.", "invalid_request_error")
-
-
-class FixtureCatalogue:
-    """Captured streams by name: the stem of each ``*.jsonl`` file; the first directory listing a stem wins.
-
-    The directories are read on each call, so fixtures added while the server runs are served at once.
-    """
-
-    def __init__(self, dirs: Sequence[Path]) -> None:
-        self.dirs = tuple(dirs)
-
-    def _paths(self) -> dict[str, Path]:
-        paths: dict[str, Path] = {}
-        for directory in self.dirs:
-            for path in sorted(directory.glob("*.jsonl")):
-                paths.setdefault(path.stem, path)
-        return paths
-
-    def names(self) -> list[str]:
-        return sorted(self._paths())
-
-    def chunks(self, name: str) -> list[bytes] | None:
-        """The raw chunk lines of fixture ``name``, or None when there is no such fixture."""
-        path = self._paths().get(name)
-        if path is None:
-            return None
-        return [line for line in path.read_bytes().splitlines() if line.strip()]
+DEFAULT_NATIVE_DIR = _REPO_FIXTURES / "native"
+NATIVE_APIS = ("anthropic", "responses", "gemini")
+BACKLOG = 4096
+_PATHS = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/messages": "anthropic",
+          "/messages": "anthropic", "/v1/responses": "responses", "/responses": "responses"}
+_GEMINI = re.compile(r"^(?:/v1beta|/v1)?/models/(?P<model>[^/:]+):streamGenerateContent$")
+_MODELS_PATHS = frozenset({"/v1/models", "/models"})
+# The message uvicorn logs when a response ends unfinished: here, always an injected disconnect.
+_CUT_SHORT = "ASGI callable returned without completing response."
 
 
 @dataclass(frozen=True, slots=True)
 class SeenRequest:
-    """One request as the mock saw it, for tests to check what a client sent."""
+    """One request as the mock saw it, for tests to check what a client sent; ``authorization`` is the
+    Authorization, x-api-key or x-goog-api-key header, whichever came."""
 
     method: str
     path: str
@@ -199,183 +65,198 @@ class SeenRequest:
     body: object = field(repr=False)
 
 
-class _Server(ThreadingHTTPServer):
-    """The HTTP server plus the state its handler threads share."""
+class _State:
+    """What requests share: fixtures, counters, the requests seen. Touched from the server's loop only,
+    read from other threads (whole values, never half-updated)."""
 
-    # Handler threads are joined on close (after ``closing`` cuts their sleeps short), so none outlives a test.
-    daemon_threads = False
-
-    def __init__(self, address: tuple[str, int], catalogue: FixtureCatalogue) -> None:
-        super().__init__(address, _Handler)
-        self.catalogue = catalogue
+    def __init__(self, chat: FixtureCatalogue, native_dir: Path) -> None:
+        self.catalogues = {"chat": chat, **{api: FixtureCatalogue([native_dir / api]) for api in NATIVE_APIS}}
+        self.seen: list[SeenRequest] = []
+        self.attempts: dict[str, int] = {}
+        self.open = self.peak = 0
         self.closing = threading.Event()
-        self._lock = threading.Lock()
-        self._seen: list[SeenRequest] = []
-        self._attempts: dict[str, int] = {}
-
-    def record(self, request: SeenRequest) -> None:
-        with self._lock:
-            self._seen.append(request)
-
-    def seen(self) -> list[SeenRequest]:
-        with self._lock:
-            return list(self._seen)
-
-    def attempt(self, key: str) -> int:
-        """Count one more request for ``key`` and return its number, from 1."""
-        with self._lock:
-            self._attempts[key] = self._attempts.get(key, 0) + 1
-            return self._attempts[key]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    timeout = 10.0
-    _model: str | None = None
-    _faults: Faults = Faults()
+class _App:
+    """The ASGI application: counts requests in flight around each one, answers as the API asks."""
 
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        self._record(path, None)
-        if path in MODELS_PATHS:
-            models = [{"id": name, "object": "model", "created": 0, "owned_by": "streamfold-mock"}
-                      for name in self.server.catalogue.names()]
-            self._send_json(200, {"object": "list", "data": models})
-        else:
-            self._send_json(404, openai_error(f"Unknown path {path}.", "invalid_request_error", "unknown_url"))
+    def __init__(self, state: _State) -> None:
+        self.state = state
 
-    def do_POST(self) -> None:
-        url = urlsplit(self.path)
-        body = self._read_json()
-        self._model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
-        self._record(url.path, body)
-        if url.path not in CHAT_PATHS:
-            self._send_json(404, openai_error(f"Unknown path {url.path}.", "invalid_request_error", "unknown_url"))
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
             return
+        state = self.state
+        state.open += 1
+        state.peak = max(state.peak, state.open)
         try:
-            self._faults = read_faults(parse_qs(url.query), self.headers)
-        except FaultError as exc:
-            self._send_json(400, openai_error(str(exc), "invalid_request_error", "invalid_mock_parameter"))
-            return
-        self._chat_completion(body)
+            response = await self._answer(Request(scope, receive))
+            await response(scope, receive, send)
+        finally:
+            state.open -= 1
 
-    def _chat_completion(self, body: object) -> None:
-        if not isinstance(body, dict) or self._model is None or not isinstance(body.get("messages"), list):
-            message = "The request body must be a JSON object with a string 'model' and a list 'messages'."
-            self._send_json(400, openai_error(message, "invalid_request_error"))
-            return
-        if body.get("stream") is not True:
-            message = "This mock upstream serves only streaming chat completions: send \"stream\": true."
-            self._send_json(400, openai_error(message, "invalid_request_error", "stream_required", "stream"))
-            return
-        chunks = self.server.catalogue.chunks(self._model)
+    async def _answer(self, request: Request) -> Response:
+        path = request.url.path
+        body = _json(await request.body()) if request.method == "POST" else None
+        gemini = _GEMINI.match(path)
+        api = "gemini" if gemini else _PATHS.get(path)
+        model = gemini["model"] if gemini else (body.get("model") if isinstance(body, dict) else None)
+        model = model if isinstance(model, str) else None
+        headers = request.headers
+        key = headers.get("authorization") or headers.get("x-api-key") or headers.get("x-goog-api-key")
+        self.state.seen.append(SeenRequest(request.method, path, model, key, body))
+        if request.method == "GET" and path in _MODELS_PATHS:
+            models = [{"id": name, "object": "model", "created": 0, "owned_by": "streamfold-mock"}
+                      for name in self.state.catalogues["chat"].names()]
+            return _logged(request, model, Faults(), JSONResponse({"object": "list", "data": models}))
+        if request.method != "POST" or api is None:
+            return _logged(request, model, Faults(), JSONResponse(
+                openai_error(f"Unknown path {path}.", "invalid_request_error", "unknown_url"), 404))
+        try:
+            faults = read_faults(request.query_params, headers)
+        except FaultError as exc:
+            return _logged(request, model, Faults(), JSONResponse(
+                openai_error(str(exc), "invalid_request_error", "invalid_mock_parameter"), 400))
+        return _logged(request, model, faults, self._stream(api, request, body, model, faults))
+
+    def _stream(self, api: str, request: Request, body: object, model: str | None, faults: Faults) -> Response:
+        problem = _bad_request(api, request, body, model)
+        if problem is not None:
+            return JSONResponse(error_body(api, 400, problem[0]) if api != "chat"
+                                else openai_error(problem[0], "invalid_request_error", *problem[1:]), 400)
+        chunks = self.state.catalogues[api].chunks(model or "")
         if chunks is None:
-            message = f"The model `{self._model}` does not exist; GET /v1/models lists the fixtures served."
-            self._send_json(404, openai_error(message, "invalid_request_error", "model_not_found", "model"))
-            return
-        faults = self._faults
-        if faults.fail_times is not None and self.server.attempt(faults.key) > faults.fail_times:
+            message = f"The model `{model}` does not exist; the mock serves its fixtures as models."
+            return JSONResponse(error_body(api, 404, message) if api != "chat"
+                                else openai_error(message, "invalid_request_error", "model_not_found", "model"), 404)
+        if faults.fail_times is not None and self._attempt(faults.key) > faults.fail_times:
             faults = faults.without_failures()
         if faults.status is not None:
-            headers = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
-            self._send_json(faults.status, status_error(faults.status), headers)
-            return
-        self._stream(chunks, faults)
+            retry = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
+            return JSONResponse(error_body(api, faults.status, status_message(faults.status)), faults.status, retry)
+        return _Frames(sse_frames(chunks, faults, api), faults.latency_ms / 1000, self.state.closing)
 
-    def _stream(self, chunks: Sequence[bytes], faults: Faults) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        try:
-            for frame in sse_frames(chunks, faults):
-                if faults.latency_ms and self.server.closing.wait(faults.latency_ms / 1000):
-                    return
-                if frame is None:
-                    return  # no terminating chunk: the client sees the body cut short
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError:
-            pass  # the client went away; there is nobody left to tell
+    def _attempt(self, key: str) -> int:
+        """Count one more request for ``key`` and return its number, from 1."""
+        self.state.attempts[key] = self.state.attempts.get(key, 0) + 1
+        return self.state.attempts[key]
 
-    def _read_json(self) -> object:
-        """The request body parsed as JSON, or None when it is missing or not JSON."""
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            return json.loads(self.rfile.read(length)) if length > 0 else None
-        except ValueError:
-            return None
 
-    def _record(self, path: str, body: object) -> None:
-        self.close_connection = True
-        self._faults = Faults()
-        authorization = self.headers.get("Authorization")
-        self.server.record(SeenRequest(self.command, path, self._model, authorization, body))
+class _Frames(Response):
+    """An event stream sent frame by frame (chunked), each after ``latency`` seconds; a ``None`` frame ends
+    the response unfinished, so the client sees the body cut short."""
 
-    def _send_json(self, status: int, body: object, headers: Mapping[str, str] | None = None) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Connection", "close")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        try:
-            self.wfile.write(payload)
-        except OSError:
-            pass
+    def __init__(self, frames: Iterator[bytes | None], latency: float, closing: threading.Event) -> None:
+        # Not Response.__init__: it would declare a Content-Length, and a stream's length is not known.
+        self.status_code, self.background = 200, None
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+        self.frames, self.latency, self.closing = frames, latency, closing
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        # One line per request, never a header: Authorization must not reach a log.
-        path = urlsplit(self.path).path
-        model, faults = self._model or "-", self._faults.describe()
-        _log.info("%s %s model=%s status=%s faults=%s", self.command, path, model, code, faults)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        for frame in self.frames:
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            if frame is None or self.closing.is_set():
+                return
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def log_message(self, format: str, *args: object) -> None:
-        _log.warning(format, *args)
+
+def _bad_request(api: str, request: Request, body: object, model: str | None) -> tuple[str, ...] | None:
+    """Why a request cannot be streamed (message, then OpenAI's code and param), or None."""
+    if api == "gemini":
+        if request.query_params.get("alt") != "sse":
+            return ("This mock upstream serves only streaming: add ?alt=sse.",)
+        return None if isinstance(body, dict) else ("The request body must be a JSON object.",)
+    if not isinstance(body, dict) or model is None:
+        return ("The request body must be a JSON object with a string 'model'.",)
+    if api in ("chat", "anthropic") and not isinstance(body.get("messages"), list):
+        return ("The request body must be a JSON object with a string 'model' and a list 'messages'.",)
+    if body.get("stream") is not True:
+        return ("This mock upstream serves only streaming calls: send \"stream\": true.", "stream_required", "stream")
+    return None
+
+
+def _json(raw: bytes) -> object:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _logged(request: Request, model: str | None, faults: Faults, response: Response) -> Response:
+    # One line per request, never a header: keys must not reach a log.
+    _log.info("%s %s model=%s status=%s faults=%s", request.method, request.url.path, model or "-",
+              response.status_code, faults.describe())
+    return response
+
+
+class _QuietCutShort(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != _CUT_SHORT
 
 
 class MockUpstream:
     """The mock upstream on a background thread: ``with MockUpstream() as up: ... up.base_url ...``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, fixture_dirs: Sequence[Path] | None = None) -> None:
-        self.host = host
-        self.port = port
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, fixture_dirs: Sequence[Path] | None = None,
+                 native_dir: Path = DEFAULT_NATIVE_DIR) -> None:
+        self.host, self.port = host, port
         self.catalogue = FixtureCatalogue(DEFAULT_FIXTURE_DIRS if fixture_dirs is None else fixture_dirs)
-        self._server: _Server | None = None
+        self._state = _State(self.catalogue, native_dir)
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
-        """What an OpenAI client takes as ``base_url``, e.g. ``http://127.0.0.1:8400/v1``."""
+        """What an OpenAI client takes as ``base_url`` (and the chat, Anthropic and Responses upstreams),
+        e.g. ``http://127.0.0.1:8400/v1``."""
         return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        """The server's root: what the Anthropic SDK takes as ``base_url`` (it adds ``/v1/messages``)."""
+        return f"http://{self.host}:{self.port}"
 
     @property
     def requests_seen(self) -> list[SeenRequest]:
         """Every request served so far, in arrival order."""
-        return [] if self._server is None else self._server.seen()
+        return list(self._state.seen)
+
+    @property
+    def peak_connections(self) -> int:
+        """The most requests served at once so far."""
+        return self._state.peak
 
     def start(self) -> MockUpstream:
         """Listen (port 0 picks a free port, then ``port`` tells which) and serve on a background thread."""
-        self._server = _Server((self.host, self.port), self.catalogue)
-        self.port = self._server.server_address[1]
-        # A short poll interval keeps stop(), and so each test's teardown, quick.
-        serve = functools.partial(self._server.serve_forever, poll_interval=0.05)
-        self._thread = threading.Thread(target=serve, name="mock-upstream", daemon=True)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        server_log = logging.getLogger("uvicorn.error")  # uvicorn's own lines: only its warnings matter here
+        server_log.setLevel(logging.WARNING)
+        server_log.addFilter(_QuietCutShort())
+        config = uvicorn.Config(_App(self._state), loop="asyncio", http="h11", lifespan="off", access_log=False,
+                                log_config=None, backlog=BACKLOG, timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="mock-upstream",
+                                        daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the mock upstream did not start on {self.host}:{self.port}")
+            time.sleep(0.01)
         return self
 
     def stop(self) -> None:
-        """Stop serving: cut streams short, wait for their threads, close the socket."""
+        """Stop serving: cut streams short, let the server finish, close the socket."""
         if self._server is None or self._thread is None:
             return
-        self._server.closing.set()
-        self._server.shutdown()
-        self._server.server_close()
+        self._state.closing.set()
+        self._server.should_exit = True
         self._thread.join()
         self._server, self._thread = None, None
 
@@ -391,7 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8400, help="port to listen on (default: %(default)s)")
     parser.add_argument("--fixtures", metavar="DIR", type=Path, action="append",
-                        help="directory of *.jsonl streams; repeatable (default: fixtures/seeds and recorded)")
+                        help="directory of *.jsonl chat streams; repeatable (default: fixtures/seeds and recorded)")
+    parser.add_argument("--native", metavar="DIR", type=Path, default=DEFAULT_NATIVE_DIR,
+                        help="directory with anthropic/, responses/ and gemini/ streams (default: fixtures/native)")
     # Set here rather than by the caller so every command reusing these options documents the faults.
     parser.epilog = FAULT_HELP
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -400,7 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, logging one line per request to stderr."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    upstream = MockUpstream(args.host, args.port, args.fixtures)
+    upstream = MockUpstream(args.host, args.port, args.fixtures, args.native)
     try:
         upstream.start()
     except OSError as exc:
@@ -423,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the mock upstream from the command line."""
     parser = argparse.ArgumentParser(
         prog="python -m producer.mock_upstream",
-        description="Serve captured chat.completion.chunk streams as a mock OpenAI-compatible upstream.",
-    )
+        description="Serve captured LLM streams as a mock upstream: chat completions, Anthropic, Responses, Gemini.")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -31,7 +31,7 @@ from streamfold.keys import Keys
 from streamfold.settings import STREAM_MAX_AGE
 
 DEFAULT_BATCH_SIZE = 500
-_START = resources.files("producer").joinpath("lua", "start.lua").read_text()
+START_SCRIPT = resources.files("producer").joinpath("lua", "start.lua").read_text()
 _IN_USE = 0  # start.lua's answer when another producer owns the request id
 
 
@@ -68,6 +68,29 @@ def raw_payload(chunk: object) -> bytes:
                         "expected bytes, str, dict or a model with model_dump_json()")
 
 
+def start_arguments(keys: Keys, request_id: str, meta: Mapping[str, Any] | None, mode: Mode, *, token: str,
+                    max_age: int, format: Format | None = None, provider: str | None = None,
+                    request_model: str | None = None) -> tuple[list[str], list[EncodableT]]:
+    """The KEYS and ARGV of producer/lua/start.lua for opening ``request_id``: one definition for every
+    publisher, blocking or asynchronous. ContractError for an invalid id, meta, mode or format."""
+    validate_request_id(request_id)
+    if meta is not None and not isinstance(meta, Mapping):
+        raise ContractError(f"request meta must be a mapping, got {type(meta).__name__}")
+    start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=now_ms(), token=token, format=format,
+                                  provider=provider, request_model=request_model)
+    fields = [part for pair in start.items() for part in pair]
+    control = [part for pair in contract.encode_control(request_id, ts=start["ts"]).items() for part in pair]
+    script_keys = [keys.owner(request_id), keys.chunks(request_id), keys.requests(keys.shard(request_id))]
+    return script_keys, [token, max_age, len(fields), *fields, *control]
+
+
+def check_started(request_id: str, outcome: object) -> None:
+    """Raise ContractError when start.lua answered that another producer owns the request id."""
+    if outcome == _IN_USE:
+        raise ContractError(f"request id {request_id} is already in use by another producer; "
+                            "choose a new one (producer.new_request_id())")
+
+
 def _counter(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ContractError(f"{name} must be a non-negative integer, got {value!r}")
@@ -79,7 +102,7 @@ def _entry(fields: dict[str, bytes]) -> dict[FieldT, EncodableT]:
     return cast("dict[FieldT, EncodableT]", fields)
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
@@ -118,7 +141,7 @@ class Publisher:
         self._keys = keys
         self._batch_size = batch_size
         self._pipe = client.pipeline(transaction=False)
-        self._start = client.register_script(_START)
+        self._start = client.register_script(START_SCRIPT)
         self._buffered = 0
         self._requests: dict[str, _Progress] = {}
 
@@ -142,23 +165,13 @@ class Publisher:
         same job, which passes its job's token - and starting an id that another token owns raises
         ContractError, writing nothing: the id stays claimed for ``max_age`` seconds.
         """
-        validate_request_id(request_id)
-        if meta is not None and not isinstance(meta, Mapping):
-            raise ContractError(f"request meta must be a mapping, got {type(meta).__name__}")
         known = self._requests.get(request_id)
         token = token or (known.token if known is not None and known.token else secrets.token_hex(16))
-        start = contract.encode_start(dict(meta or {}), mode, attempt=0, ts_ms=_now_ms(), token=token, format=format,
-                                      provider=provider, request_model=request_model)
-        keys, shard = self._keys, self._keys.shard(request_id)
-        fields = [part for pair in start.items() for part in pair]
-        control = [part for pair in contract.encode_control(request_id, ts=start["ts"]).items() for part in pair]
+        script_keys, args = start_arguments(self._keys, request_id, meta, mode, token=token, max_age=self._max_age,
+                                            format=format, provider=provider, request_model=request_model)
         with redis_errors(f"starting request {request_id}"):
-            outcome = self._start(keys=[keys.owner(request_id), keys.chunks(request_id), keys.requests(shard)],
-                                  args=[token, self._max_age, len(fields), *fields, *control])
-        if outcome == _IN_USE:
-            raise ContractError(f"request id {request_id} is already in use by another producer; "
-                                "choose a new one (producer.new_request_id())")
-        progress = self._requests.setdefault(request_id, _Progress(keys.chunks(request_id)))
+            check_started(request_id, self._start(keys=script_keys, args=args))
+        progress = self._requests.setdefault(request_id, _Progress(self._keys.chunks(request_id)))
         progress.token = token
 
     def push(self, request_id: str, chunk: object, *, attempt: int | None = None, seq: int | None = None) -> int:
@@ -174,7 +187,7 @@ class Publisher:
         next_seq = progress.next_seq.get(attempt, 0)
         seq = _counter("seq", next_seq if seq is None else seq)
         progress.next_seq[attempt] = max(next_seq, seq + 1)
-        self._buffer(progress, contract.encode_chunk(raw, seq=seq, attempt=attempt, ts_ms=_now_ms()))
+        self._buffer(progress, contract.encode_chunk(raw, seq=seq, attempt=attempt, ts_ms=now_ms()))
         if self._buffered >= self._batch_size:
             self.flush()
         return seq
@@ -183,7 +196,7 @@ class Publisher:
         """Close a request that the upstream finished; sends everything buffered."""
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
-        self._close(request_id, progress, contract.encode_end(attempt=attempt, ts_ms=_now_ms()))
+        self._close(request_id, progress, contract.encode_end(attempt=attempt, ts_ms=now_ms()))
 
     def fail(self, request_id: str, error: str | Mapping[str, Any] | BaseException, *,
              attempt: int | None = None) -> None:
@@ -191,7 +204,7 @@ class Publisher:
         info = contract.error_info(error)
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
-        self._close(request_id, progress, contract.encode_error(info, attempt=attempt, ts_ms=_now_ms()))
+        self._close(request_id, progress, contract.encode_error(info, attempt=attempt, ts_ms=now_ms()))
 
     def new_attempt(self, request_id: str) -> int:
         """Start over after chunks were pushed (an upstream retry) and return the new attempt number.

@@ -1,9 +1,10 @@
-"""The HTTP side of a producer job: one streamed chat completion from an OpenAI-compatible upstream.
+"""The HTTP side of a call: one streamed call to an upstream, in whichever API it speaks (producer/apis.py).
 
-``UpstreamClient.stream_chat`` POSTs to ``<base_url>/chat/completions`` and yields each SSE event's data as
-received - a chunk, or an ``event: error`` body - until ``[DONE]``. Everything that goes wrong on the way
-is translated here, once, into ``UpstreamError`` with the upstream's status and message and whether a retry
-can help; ``RetryPolicy`` then decides how long to wait before the next try, or that there is none.
+``UpstreamClient.stream`` POSTs the call and yields each SSE event as received - a chunk, or an error event's
+body - until the stream ends. Everything that goes wrong on the way is translated here, once, into
+``UpstreamError`` with the upstream's status and message and whether a retry can help; ``RetryPolicy`` then
+decides how long to wait before the next try, or that there is none. The client is asynchronous: a runner
+process holds hundreds of calls at once on one event loop, over one connection pool.
 
 API keys: the client holds its key only in memory, and every message it produces (error texts that end up
 in results, log lines) passes through ``redact`` first, in case an upstream echoes the key back.
@@ -11,29 +12,28 @@ in results, log lines) passes through ``redact`` first, in case an upstream echo
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import random
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 
 import httpx
-import orjson
 from httpx_sse import EventSource, SSEError
 
-from streamfold.capture import CapturedItem, sse_item
+from producer.apis import APIS, Api, error_kind, error_message, retryable_status
+from streamfold.capture import CapturedItem
 from streamfold.contract import ErrorInfo
 from streamfold.errors import ConfigError, UpstreamError
 from streamfold.settings import Settings, Upstream
 
 REDACTED = "[redacted]"
-MAX_MESSAGE_LENGTH = 500
-# 408 and 409 are what OpenAI's own SDK retries besides 429 and 5xx: timeouts and lock conflicts that pass.
-RETRY_STATUSES = frozenset({408, 409, 429})
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -130,78 +130,70 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(when - (time.time() if now is None else now), 0.0)
 
 
-def error_message(body: bytes, fallback: str) -> str:
-    """The message of an upstream error body: OpenAI's ``{"error": {"message"}}`` and its common variants."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace").strip()
-        return text[:MAX_MESSAGE_LENGTH] or fallback
-    inner = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
-    if isinstance(inner, dict):
-        inner = inner.get("message") or inner.get("detail") or inner.get("msg")
-    return str(inner)[:MAX_MESSAGE_LENGTH] if inner else fallback
-
-
 def failure(error: UpstreamError) -> ErrorInfo:
     """The error a request fails with after ``error``: the upstream's own message and status, and a type that
     reads the same whichever provider it came from."""
-    status = error.status
-    if status == 429:
-        kind = "rate_limited"
-    elif status is not None and status >= 500:
-        kind = "server_error"
-    elif status is None and error.retryable:
-        kind = "connection_error"
-    else:
-        kind = "upstream_error"
-    return ErrorInfo(message=str(error), type=kind, status=status, code=None)
+    return ErrorInfo(message=str(error), type=error_kind(error.status, error.retryable), status=error.status,
+                     code=None)
 
 
 class UpstreamClient:
-    """Streams chat completions from one upstream over a pooled httpx client; close it when done.
+    """Streams calls from one upstream over pooled ``httpx.AsyncClient``s; close it (``aclose``) when done.
 
-    ``transport`` replaces the network (tests pass an ``httpx.MockTransport``).
+    ``transport`` replaces the network (tests pass an ``httpx.MockTransport``). ``connections`` is how many
+    calls may stream at once, which a runner sets to its concurrency: they are spread over one pool per
+    ``POOL_SIZE`` of them, since httpcore looks through every connection of a pool whenever a request
+    starts or ends, and a thousand connections in one pool made that the runner's largest cost.
     """
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, connect_timeout: float = 10.0,
-                 read_timeout: float = 60.0, transport: httpx.BaseTransport | None = None) -> None:
+    POOL_SIZE = 64
+
+    def __init__(self, base_url: str, *, api: Api = APIS["chat"], api_key: str | None = None,
+                 params: Mapping[str, Any] | None = None, connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                 transport: httpx.AsyncBaseTransport | None = None, connections: int = POOL_SIZE) -> None:
         url = httpx.URL(base_url)
+        self.api = api
+        self._api_key = api_key
+        self._defaults = dict(params or {})
         self._secrets = (api_key,) if api_key else ()
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=min(connections, self.POOL_SIZE))
         # httpx drops a base URL's query when it joins a path onto it; send it as client-wide params instead.
-        self._client = httpx.Client(
-            base_url=url.copy_with(query=None), params=url.params,
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout), transport=transport)
+        self._pools = [httpx.AsyncClient(base_url=url.copy_with(query=None), params=url.params, transport=transport,
+                                         timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
+                                         limits=limits)
+                       for _ in range(max(1, math.ceil(connections / self.POOL_SIZE)))]
+        self._turn = itertools.cycle(self._pools)
 
     @classmethod
     def from_settings(cls, settings: Settings, upstream: Upstream, *, environ: Mapping[str, str] | None = None,
-                      transport: httpx.BaseTransport | None = None) -> UpstreamClient:
-        return cls(upstream.base_url, api_key=api_key_of(upstream, environ),
-                   connect_timeout=settings.upstream_connect_timeout, read_timeout=settings.upstream_read_timeout,
-                   transport=transport)
+                      transport: httpx.AsyncBaseTransport | None = None,
+                      connections: int = POOL_SIZE) -> UpstreamClient:
+        return cls(upstream.base_url, api=APIS[upstream.api], api_key=api_key_of(upstream, environ),
+                   params=upstream.params, connect_timeout=settings.upstream_connect_timeout,
+                   read_timeout=settings.upstream_read_timeout, transport=transport, connections=connections)
 
-    def stream_chat(self, body: Mapping[str, Any]) -> Generator[CapturedItem, None, None]:
-        """Yield each SSE event of one streamed chat completion: ``chunk`` items with the data byte for byte,
-        or one ``error`` item for an ``event: error``. Stops at ``[DONE]`` or when the stream ends.
+    async def stream(self, params: Mapping[str, Any]) -> AsyncIterator[CapturedItem]:
+        """Yield each SSE event of one streamed call with ``params`` (over the upstream's defaults): ``chunk``
+        items with the data byte for byte, or one ``error`` item for an error event. Stops at the stream's end.
 
         Raises UpstreamError for an error status, a network failure or timeout (before or during the stream),
         or an answer that is not an event stream. Closing the iterator closes the connection.
         """
+        request = self.api.request(params, self._defaults, self._api_key)
         try:
-            with self._client.stream("POST", "chat/completions", json=dict(body)) as response:
+            async with next(self._turn).stream("POST", request.path, json=request.body, headers=request.headers,
+                                           params=request.params) as response:
                 if response.status_code >= 400:
-                    response.read()
+                    await response.aread()
                     raise self._status_error(response)
-                for event in EventSource(response).iter_sse():
-                    item = sse_item(event.event.encode(), event.data.encode())
+                async for event in EventSource(response).aiter_sse():
+                    item = self.api.item(event.event.encode(), event.data.encode())
                     if item.kind == "done":
                         return
+                    if item.data or item.kind == "error":
+                        yield item
                     if item.kind == "error":
-                        yield item
                         return
-                    if item.data:
-                        yield item
         except SSEError as exc:  # an httpx.TransportError too, but no retry makes it an event stream
             raise UpstreamError(self.redact(f"upstream did not answer with an event stream: {exc}")) from exc
         except httpx.TimeoutException as exc:
@@ -219,16 +211,16 @@ class UpstreamClient:
     def _status_error(self, response: httpx.Response) -> UpstreamError:
         status = response.status_code
         message = error_message(response.content, response.reason_phrase or f"HTTP {status}")
-        return UpstreamError(self.redact(message), status=status,
-                             retryable=status in RETRY_STATUSES or status >= 500,
+        return UpstreamError(self.redact(message), status=status, retryable=retryable_status(status),
                              retry_after=parse_retry_after(response.headers))
 
-    def close(self) -> None:
-        self._client.close()
+    async def aclose(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
 
-    def __enter__(self) -> UpstreamClient:
+    async def __aenter__(self) -> UpstreamClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()

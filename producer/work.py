@@ -1,39 +1,83 @@
-"""``python -m producer work``: an rq worker for Streamfold's job queue, with logs that never show an API key.
+"""``python -m producer work``: the concurrent call runner as a process, with logs that never show an API key.
 
-rq's own ``rq worker --url <redis url> <queue>`` runs the same jobs; this wrapper takes the Redis URL and the
-queue from the ``STREAMFOLD_*`` settings and puts a redacting filter in front of every log line, so a
-configured upstream key that somehow reached a message is printed as ``[redacted]``.
+Sets the process up - logging (text or JSON, every line through a redacting filter, rq's lines too), the
+metrics endpoint, the Redis clients - and runs producer/runner/loop.py until it drains. rq's own ``rq worker
+--url <redis url> <queue>`` still runs the same jobs, one call per process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Coroutine
+from typing import Any
 
-from rq import Worker
-
+from producer.runner.calls import connect_async
+from producer.runner.loop import Runner
 from producer.upstream import RedactingFilter, configured_secrets
 from streamfold.connection import connect
+from streamfold.errors import ConfigError
+from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SWITCH_INTERVAL_S = 0.0005
 
 
-def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None,
-               log_level: str = "INFO") -> bool:
-    """Work on ``settings.queue`` until stopped (or, with ``burst``, until it is empty).
+def runner_name() -> str:
+    """A runner name unique to this process (also its rq worker name): host, pid and a random suffix."""
+    return f"runner-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
-    Returns whether any job was run, as rq's ``Worker.work`` does.
-    """
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
-    handler.addFilter(RedactingFilter(configured_secrets(settings)))
-    # rq logs through the root handler when there is one, so every line - rq's and ours - passes the filter.
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(log_level)
+
+def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None, concurrency: int | None = None,
+               metrics_port: int | None = None, log_format: str | None = None, log_level: str = "INFO") -> int:
+    """Run one call runner until it drains (or, with ``burst``, until nothing is left); returns its exit code."""
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+    configure_logging(log_format or settings.log_format, level=logging.getLevelName(log_level))
+    redacting = RedactingFilter(configured_secrets(settings))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
+    for chatty in ("httpx", "httpcore"):  # a line per upstream request: the runner logs what matters itself
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    name = name or runner_name()
+    port = metrics_port if metrics_port is not None else settings.metrics_port
+    with connect(settings) as client:
+        runner = Runner(settings, client, connect_async(settings), name=name, concurrency=concurrency, burst=burst)
+        if port is not None:
+            try:
+                port = runner.metrics.serve(port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on port {port}: {exc}") from exc
+            EventLog(logging.getLogger("streamfold.runner"), worker=name).info("metrics_served", port=port)
+        # What exists now lives as long as the process: frozen, it stays out of the collector's full passes.
+        gc.freeze()
+        # rq's blocking verbs run in threads beside the event loop. Each hand-over of the interpreter waits up
+        # to the switch interval (5 ms by default), so a round trip made in a thread while the loop is busy
+        # would cost milliseconds; a short interval keeps both sides moving.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        try:
+            return run_loop(_serve(runner))
+        finally:
+            runner.metrics.close()
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run the runner's event loop: uvloop's where it is installed (its loop turns over the calls' many small
+    reads and timers for about half the interpreter time of asyncio's own), asyncio's otherwise."""
     try:
-        with connect(settings) as client:
-            worker = Worker([settings.queue], connection=client, name=name)
-            return worker.work(burst=burst, logging_level=log_level)
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def _serve(runner: Runner) -> int:
+    try:
+        return await runner.run()
     finally:
-        root.removeHandler(handler)
+        await runner.lease.client.aclose()

@@ -1,6 +1,6 @@
 """``make demo``: the whole story, end to end, on one machine.
 
-A backend enqueues chat completions through rq; a job runner (``python -m producer work``) streams each from
+A backend enqueues chat completions through rq; a call runner (``python -m producer work``) streams each from
 an OpenAI-compatible upstream - here the mock upstream replaying recorded streams, some with injected faults -
 onto Redis; a stream worker (``python -m worker run``) assembles every request into one result. The demo waits
 for each result, prints one line per request, then sums the usage events per model, and shuts everything down.
@@ -106,7 +106,7 @@ class Demo:
 
 @contextmanager
 def pipeline() -> Iterator[Demo]:
-    """Redis, the mock upstream, an rq worker and a stream worker, all stopped again on the way out."""
+    """Redis, the mock upstream, a call runner and a stream worker, all stopped again on the way out."""
     namespace = f"demo-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
         url, how = stack.enter_context(redis_for_demo())
@@ -129,10 +129,10 @@ def pipeline() -> Iterator[Demo]:
             stack.callback(remove_namespace, client, settings, demo.request_ids)
         print(f"mock upstream: {upstream.base_url}; namespace {namespace}")
         logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="streamfold-demo-")))
-        for name, command in (("rq worker", ["producer", "work", "--log-level", "WARNING"]),
+        for name, command in (("call runner", ["producer", "work", "--log-level", "WARNING"]),
                               ("stream worker", ["worker", "run"])):
             demo.processes.append(stack.enter_context(background(name, [sys.executable, "-m", *command], env, logs)))
-        print("started: python -m producer work (rq worker), python -m worker run (stream worker)")
+        print("started: python -m producer work (call runner), python -m worker run (stream worker)")
         yield demo
 
 

@@ -9,6 +9,9 @@ Layout, for a namespace ``ns`` and a shard tag ``{sNN}``::
     ns:in:{sNN}:wake:<reader>     appended to when a gateway process starts following a stream of the shard,
                                   so that its one blocking read of the shard's streams returns to include it
     ns:in:idem:<tenant>:<key>     a gateway Idempotency-Key: the request id it started and its body's hash
+    ns:in:{runners}:leases        sorted set: call runner name -> its lease's expiry (ms, Redis's clock)
+    ns:in:{runners}:calls:<name>  hash: request id -> re-runs so far, for every call runner <name> holds
+    ns:in:{runners}:stats         hash: call runner name -> its stats record (JSON), for ``producer runners``
     ns:out:{sNN}:results          result records, in finish order
     ns:out:{sNN}:result:<rid>     one result record, for lookup, with a TTL
     ns:out:{sNN}:done:<rid>       finish marker: the first finisher wins, later ones are no-ops
@@ -22,9 +25,10 @@ Why this shape:
 - Redis Cluster: everything one finish touches carries the same ``{sNN}`` hash tag, so the finish script,
   the producer's start transaction and a worker's multi-stream reads stay in one slot. A request's shard is
   a stable hash of its id; ``shards`` spreads load across cluster nodes. The two pool-wide keys carry no
-  tag: each is one key, touched by single-key commands only.
-- Least privilege: producers write only ``ns:in:*``, analytics read only ``ns:usage:*``, backends read
-  ``ns:out:*``; workers read ``ns:in:*`` and write ``ns:out:*`` and ``ns:usage:*``.
+  tag: each is one key, touched by single-key commands only. The call runners' keys share the tag
+  ``{runners}``, so that a takeover moves a lost runner's calls in one script on one slot.
+- Least privilege: producers (call runners included) write only ``ns:in:*``, analytics read only
+  ``ns:usage:*``, backends read ``ns:out:*``; workers read ``ns:in:*`` and write ``ns:out:*`` and ``ns:usage:*``.
 - Two namespaces on one Redis share no key.
 """
 
@@ -73,6 +77,16 @@ class Keys:
 
     def idempotency(self, tenant: str, key: str) -> str:
         return f"{self.namespace}:in:idem:{tenant}:{key}"
+
+    # --- call runners (ns:in:{runners}:*) -----------------------------------------------------------
+    def runner_leases(self) -> str:
+        return f"{self.namespace}:in:{{runners}}:leases"
+
+    def runner_calls(self, runner: str) -> str:
+        return f"{self.namespace}:in:{{runners}}:calls:{runner}"
+
+    def runner_stats(self) -> str:
+        return f"{self.namespace}:in:{{runners}}:stats"
 
     # --- worker output (ns:out:*) --------------------------------------------------------------------
     def results(self, shard: int) -> str:

@@ -6,7 +6,7 @@ code and hand it (or the pieces it needs) to the library.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import (BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, field_validator,
@@ -19,11 +19,15 @@ from streamfold.genai import PriceOverride, read_price_overrides
 from streamfold.keys import Keys
 
 LogFormat = Literal["text", "json"]
+# The wire APIs an upstream can speak (producer/apis.py): OpenAI chat completions, or a native one.
+ApiName = Literal["chat", "anthropic", "responses", "gemini"]
+API_NAMES: tuple[str, ...] = get_args(ApiName)
 DEFAULT_UPSTREAM = "default"
 
 
 class Upstream(BaseModel):
-    """One OpenAI-compatible upstream producer jobs can call, as named in ``STREAMFOLD_UPSTREAMS``.
+    """One upstream producer jobs can call, as named in ``STREAMFOLD_UPSTREAMS``; ``api`` is the wire API it
+    speaks: ``chat`` (OpenAI-compatible chat completions, the default), ``anthropic``, ``responses`` or ``gemini``.
 
     The API key is never part of it: ``api_key_env`` names the environment variable the job runner reads the
     key from, so the key stays in the runner's environment and never reaches Redis. ``base_url`` may carry a
@@ -34,6 +38,7 @@ class Upstream(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_url: str = Field(min_length=1)
+    api: ApiName = "chat"
     api_key_env: str | None = Field(None, min_length=1)
     mode: Mode = "auto"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -100,7 +105,7 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field("text", description="text: a readable line per event; json: one object per line")
 
     upstreams: Annotated[dict[str, Upstream], NoDecode] = Field(
-        default_factory=dict, description="JSON object: upstream name -> {base_url, api_key_env, mode, params}")
+        default_factory=dict, description="JSON object: upstream name -> {base_url, api, api_key_env, mode, params}")
     queue: str = Field("streamfold", min_length=1, description="rq queue of producer jobs")
     job_timeout: int = Field(900, ge=1, description="seconds an rq job may run before rq stops it")
     upstream_connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to an upstream")
@@ -109,6 +114,17 @@ class Settings(BaseSettings):
     upstream_backoff: float = Field(0.5, ge=0, description="first retry delay in seconds; doubles per retry")
     upstream_backoff_max: float = Field(30.0, ge=0, description="longest retry delay; a longer Retry-After fails")
     cancel_ttl: int = Field(3_600, ge=1, description="seconds a cancel request is kept")
+
+    runner_concurrency: int = Field(256, ge=1, description="upstream calls one runner process holds at once")
+    runner_lease: float = Field(10.0, gt=0, description=(
+        "seconds a runner's lease lasts unrenewed; a live runner re-runs the calls of a runner silent longer"))
+    runner_reruns: int = Field(1, ge=0, description=(
+        "times a call lost with its runner is re-run from the start, each a new upstream call that costs "
+        "tokens again; 0 fails such requests with error type runner_lost"))
+    runner_flush_ms: float = Field(2.0, gt=0, description="longest a chunk waits in a runner before it is sent, ms")
+    runner_batch: int = Field(1000, ge=1, description="most entries a runner sends to Redis in one round trip")
+    runner_buffer_bytes: int = Field(64 * 2**20, ge=2**16, description=(
+        "chunk bytes a runner holds unsent before its calls wait for Redis (bounds its memory)"))
 
     prices: Annotated[dict[str, PriceOverride], NoDecode] = Field(
         default_factory=dict, description=("JSON object: \"<provider>/<model>\" or \"<model>\" -> {input_mtok, "

@@ -101,7 +101,7 @@ def test_the_stream_worker_job_runner_and_mock_upstream_all_run_from_the_project
     roles = {name: " ".join(argv(service["command"])[:4]) for name, service in PROJECT.items()}
     assert sorted(roles.values()) == ["python -m producer mock-upstream", "python -m producer serve",
                                       "python -m producer work", "python -m worker run"]
-    assert "healthcheck" in SERVICES["worker"]
+    assert all("healthcheck" in SERVICES[name] for name in ("worker", "jobs", "gateway"))
 
 
 def test_every_redis_url_points_at_the_compose_redis_service() -> None:
@@ -115,19 +115,22 @@ def test_every_redis_url_points_at_the_compose_redis_service() -> None:
     assert "redis" in SERVICES
 
 
-def test_the_worker_can_be_scaled_no_container_name_no_fixed_host_port() -> None:
-    service = SERVICES["worker"]
+@pytest.mark.parametrize("name", ["worker", "jobs"])
+def test_workers_and_call_runners_can_be_scaled_no_container_name_no_fixed_host_port(name: str) -> None:
+    service = SERVICES[name]
     assert "container_name" not in service
     for port in service.get("ports", []):
         published = port.get("published") if isinstance(port, dict) else (str(port).count(":") > 0)
-        assert not published, f"worker publishes a fixed host port ({port}): a second replica could not start"
+        assert not published, f"{name} publishes a fixed host port ({port}): a second replica could not start"
 
 
-def test_the_worker_gets_its_shutdown_grace_before_docker_kills_it() -> None:
-    service = SERVICES["worker"]
+@pytest.mark.parametrize("name", ["worker", "jobs"])
+def test_workers_and_call_runners_get_their_shutdown_grace_before_docker_kills_them(name: str) -> None:
+    service = SERVICES[name]
     default = Settings.model_fields["shutdown_grace"].default
     grace = float(environment(service).get("STREAMFOLD_SHUTDOWN_GRACE", default))
-    # Docker's default is 10 s: a drain cut short hands nothing back, and peers wait out the claim timeout.
+    # Docker's default is 10 s: a drain cut short hands nothing back, and peers wait out the claim timeout
+    # (or, for runners, the lease) before they take over.
     assert seconds(service.get("stop_grace_period", "10s")) > grace
 
 

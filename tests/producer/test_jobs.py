@@ -1,114 +1,33 @@
-"""Producer jobs: what a call publishes for each way an upstream behaves, retries and cancels, on fakeredis.
+"""rq jobs: enqueueing a call, cancelling it before or while it runs, and the job function itself, on fakeredis.
 
-The upstream is an ``httpx.MockTransport``; time is injected (sleep and clock), so nothing here waits.
+What a call publishes for each way an upstream behaves is tested with the call (tests/producer/runner).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import fakeredis
-import httpx
 import orjson
 import pytest
 from rq import Queue
 from rq.job import Job, JobStatus
 
 from producer import jobs
-from producer.jobs import CompletionRun, cancel, enqueue_chat_completion, job_id, request_body
-from producer.upstream import RetryPolicy, UpstreamClient
+from producer.jobs import cancel, enqueue_chat_completion, job_id
+from producer.runner import calls as runner_calls
+from producer.runner.call import RUNNING
+from producer.runner.calls import Calls
 from streamfold.contract import Envelope, decode_envelope, decode_error
 from streamfold.errors import ConfigError, ContractError
 from streamfold.keys import Keys
-from streamfold.settings import Settings, Upstream
-from tests.conftest import SEEDS, load_jsonl
-from worker import assemble
-from worker.request import RequestState
+from streamfold.settings import Settings
 
 KEY = "sk-jobs-test-key-5f1e2d"
 RID = "req-1"
-FIXTURE = SEEDS / "qwen_mt_flash_incremental.jsonl"
 BODY = {"model": "qwen_mt_flash_incremental", "messages": [{"role": "user", "content": "hi"}]}
-
-Handler = Callable[[httpx.Request], httpx.Response]
-
-
-# --- fakes ---------------------------------------------------------------------------------------------------
-
-class Upstreams:
-    """A scripted upstream: each call takes the next handler; records every request."""
-
-    def __init__(self, *handlers: Handler) -> None:
-        self.handlers = list(handlers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.handlers.pop(0)(request)
-
-
-class Sleeps:
-    """Records sleeps instead of sleeping; ``then`` runs after the n-th one (to cancel mid-wait)."""
-
-    def __init__(self, then: Callable[[int], None] | None = None) -> None:
-        self.calls: list[float] = []
-        self.then = then
-
-    def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-        if self.then is not None:
-            self.then(len(self.calls))
-
-
-def chunks_of(path: Path = FIXTURE) -> list[bytes]:
-    return load_jsonl(path)
-
-
-def streaming(lines: list[bytes], *, drop_after: int | None = None, error: bytes | None = None,
-              on_chunk: Callable[[int], None] | None = None) -> Handler:
-    """A 200 event stream of ``lines``: cut after ``drop_after``, or ending with an error event."""
-    def parts() -> Iterator[bytes]:
-        for number, line in enumerate(lines):
-            if number == drop_after:
-                raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
-            if on_chunk is not None:
-                on_chunk(number)
-            yield b"data: " + line + b"\n\n"
-        if error is not None:
-            yield b"event: error\ndata: " + error + b"\n\n"
-        else:
-            yield b"data: [DONE]\n\n"
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_Stream(parts()))
-    return handler
-
-
-class _Stream(httpx.SyncByteStream):
-    def __init__(self, parts: Iterator[bytes]) -> None:
-        self.parts = parts
-        self.closed = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self.parts
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def status(code: int, message: str = "nope", retry_after: str | None = None) -> Handler:
-    headers = {} if retry_after is None else {"retry-after": retry_after}
-    return lambda request: httpx.Response(code, headers=headers, json={"error": {"message": message}})
-
-
-@pytest.fixture
-def keys(namespace: str) -> Keys:
-    return Keys(namespace=namespace, shards=2)
 
 
 @pytest.fixture
@@ -117,32 +36,8 @@ def settings(namespace: str) -> Settings:
                     upstreams={"default": {"base_url": "http://upstream.test/v1", "api_key_env": "JOBS_TEST_KEY"}})
 
 
-def perform(client: fakeredis.FakeRedis, keys: Keys, upstream: Upstreams, *, retries: int = 3,
-            sleep: Callable[[float], None] | None = None, meta: dict[str, Any] | None = None,
-            clock: Callable[[], float] | None = None) -> tuple[str, CompletionRun]:
-    run = CompletionRun(client, keys, policy=RetryPolicy(retries=retries, backoff=1.0, backoff_max=10.0),
-                        sleep=sleep or Sleeps(), clock=clock or itertools.count().__next__)
-    with UpstreamClient("http://upstream.test/v1", api_key=KEY, transport=httpx.MockTransport(upstream)) as http:
-        outcome = run.run(RID, http, BODY, meta=meta or {"user": "u1"}, mode="incremental")
-    return outcome, run
-
-
 def envelopes(client: fakeredis.FakeRedis, keys: Keys, request_id: str = RID) -> list[Envelope]:
     return [decode_envelope(fields) for _, fields in client.xrange(keys.chunks(request_id))]
-
-
-def kinds(client: fakeredis.FakeRedis, keys: Keys) -> list[tuple[str, int]]:
-    return [(envelope.kind, envelope.attempt) for envelope in envelopes(client, keys)]
-
-
-def worker_record(client: fakeredis.FakeRedis, keys: Keys) -> dict[str, Any]:
-    """What a worker would finish the request with: the chunk stream fed through its RequestState."""
-    entries = client.xrange(keys.chunks(RID))
-    state = RequestState(RID, "1-0", now=0.0)
-    for entry_id, fields in entries:
-        state.feed(entry_id.decode(), fields, now=0.0)
-    assert state.ended
-    return dict(state.outcome(finished_at_ms=0).record)
 
 
 def everything_in(client: fakeredis.FakeRedis) -> bytes:
@@ -165,201 +60,18 @@ def everything_in(client: fakeredis.FakeRedis) -> bytes:
     return b"\n".join(dump)
 
 
-# --- one call ------------------------------------------------------------------------------------------------
-
-def test_a_clean_stream_is_published_as_start_each_raw_chunk_and_end(fake_redis: fakeredis.FakeRedis,
-                                                                      keys: Keys) -> None:
-    upstream = Upstreams(streaming(chunks_of()))
-    outcome, run = perform(fake_redis, keys, upstream)
-
-    published = envelopes(fake_redis, keys)
-    assert outcome == "ended" and run.calls == 1
-    assert [e.kind for e in published] == ["start"] + ["chunk"] * len(chunks_of()) + ["end"]
-    assert [e.payload for e in published if e.kind == "chunk"] == chunks_of()
-    assert [e.seq for e in published if e.kind == "chunk"] == list(range(len(chunks_of())))
-    # The job's token: a re-run of the same job may start the request again, no other producer may.
-    assert orjson.loads(published[0].payload) == {"meta": {"user": "u1"}, "mode": "incremental",
-                                                  "token": job_id(keys, "req-1")}
-    record = worker_record(fake_redis, keys)
-    assert record["completion"] == assemble(chunks_of())["completion"]
-    assert record["status"] == "completed"
+def async_twin(client: fakeredis.FakeRedis) -> fakeredis.FakeAsyncRedis:
+    """An asyncio client of the same fake server, as the runner's calls use."""
+    return fakeredis.FakeAsyncRedis(server=client.connection_pool.connection_kwargs["server"])
 
 
-def test_the_body_sent_asks_for_a_stream_with_usage_and_merges_the_upstreams_defaults() -> None:
-    upstream = Upstream(base_url="http://x", params={"temperature": 0, "model": "default-model",
-                                                      "stream_options": {"extra": 1}})
-    body = request_body(upstream, {"model": "m", "stream": False, "messages": []})
-    assert body == {"temperature": 0, "model": "m", "messages": [], "stream": True,
-                    "stream_options": {"extra": 1, "include_usage": True}}
-
-
-def test_an_error_event_fails_the_request_with_the_upstreams_error(fake_redis: fakeredis.FakeRedis,
-                                                                   keys: Keys) -> None:
-    error = b'{"error": {"message": "model overloaded", "type": "server_error"}}'
-    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(chunks_of()[:2], error=error)))
-    assert outcome == "failed"
-    assert kinds(fake_redis, keys) == [("start", 0), ("chunk", 0), ("chunk", 0), ("error", 0)]
-    assert worker_record(fake_redis, keys)["error"]["message"] == "model overloaded"
-
-
-def test_a_malformed_chunk_is_pushed_as_it_came_for_the_worker_to_reject(fake_redis: fakeredis.FakeRedis,
-                                                                         keys: Keys) -> None:
-    outcome, _ = perform(fake_redis, keys, Upstreams(streaming([chunks_of()[0], b"{not json", chunks_of()[1]])))
-    assert outcome == "ended"
-    assert [e.payload for e in envelopes(fake_redis, keys) if e.kind == "chunk"][1] == b"{not json"
-    assert worker_record(fake_redis, keys)["error"]["type"] == "invalid_chunk"
-
-
-# --- retries -------------------------------------------------------------------------------------------------
-
-def test_a_429_is_retried_after_its_retry_after_without_a_new_attempt(fake_redis: fakeredis.FakeRedis,
-                                                                      keys: Keys) -> None:
-    sleeps = Sleeps()
-    outcome, run = perform(fake_redis, keys, Upstreams(status(429, retry_after="3"), streaming(chunks_of())),
-                           sleep=sleeps)
-    assert outcome == "ended" and run.calls == 2
-    assert sum(sleeps.calls) == pytest.approx(3.0)
-    assert {attempt for _, attempt in kinds(fake_redis, keys)} == {0}
-
-
-def test_server_errors_are_retried_with_growing_backoff_then_fail_with_the_status_and_message(
-        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
-    sleeps = Sleeps()
-    upstream = Upstreams(*[status(500, "The server had an error")] * 3)
-    outcome, run = perform(fake_redis, keys, upstream, retries=2, sleep=sleeps)
-
-    assert outcome == "failed" and run.calls == 3
-    # backoff 1.0 doubling, with jitter between half and all of it: 0.5..1 then 1..2 seconds.
-    waits = [sum(group) for group in _waits(sleeps.calls, 2)]
-    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0
-    error = decode_error(envelopes(fake_redis, keys)[-1])
-    assert error == {"message": "The server had an error", "type": "server_error", "status": 500, "code": None}
-    assert worker_record(fake_redis, keys)["status"] == "failed"
-
-
-def _waits(calls: list[float], count: int) -> list[list[float]]:
-    """Sleeps grouped per retry wait: each wait is cut into slices of at most the check interval."""
-    groups: list[list[float]] = [[]]
-    for seconds in calls:
-        groups[-1].append(seconds)
-        if seconds < jobs.CANCEL_CHECK_INTERVAL - 1e-9:
-            groups.append([])
-    return [group for group in groups if group][:count]
-
-
-def test_a_client_error_fails_at_once(fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
-    outcome, run = perform(fake_redis, keys, Upstreams(status(400, "messages is required")))
-    assert (outcome, run.calls) == ("failed", 1)
-    assert decode_error(envelopes(fake_redis, keys)[-1])["status"] == 400
-
-
-def test_a_retry_after_the_stream_broke_is_a_new_attempt_and_assembles_only_the_clean_one(
-        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
-    lines = chunks_of()
-    outcome, run = perform(fake_redis, keys, Upstreams(streaming(lines, drop_after=3), streaming(lines)))
-
-    assert outcome == "ended" and run.calls == 2
-    assert kinds(fake_redis, keys) == ([("start", 0)] + [("chunk", 0)] * 3 + [("chunk", 1)] * len(lines)
-                                       + [("end", 1)])
-    record = worker_record(fake_redis, keys)
-    assert record["completion"] == assemble(lines)["completion"]
-    assert record["metrics"]["attempts"] == 2
-
-
-def test_a_stream_that_breaks_on_every_try_fails_with_the_last_attempts_partial_output(
-        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
-    lines = chunks_of()
-    outcome, run = perform(fake_redis, keys, Upstreams(streaming(lines, drop_after=2), streaming(lines, drop_after=4)),
-                           retries=1)
-    assert (outcome, run.calls) == ("failed", 2)
-    assert kinds(fake_redis, keys)[-1] == ("error", 1)
-    record = worker_record(fake_redis, keys)
-    assert record["status"] == "failed" and record["error"]["type"] == "connection_error"
-    assert record["completion"] == assemble(lines[:4])["completion"]
-
-
-# --- cancellation --------------------------------------------------------------------------------------------
-
-def test_a_cancel_between_chunks_stops_the_call_and_fails_the_request_cancelled(
-        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
-    def cancel_at(number: int) -> None:
-        if number == 4:
-            fake_redis.set(keys.cancel(RID), jobs.CANCELLED)
-
-    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(chunks_of(), on_chunk=cancel_at)))
-    assert outcome == "cancelled"
-    assert kinds(fake_redis, keys) == [("start", 0)] + [("chunk", 0)] * 4 + [("error", 0)]
-    assert decode_error(envelopes(fake_redis, keys)[-1])["type"] == "cancelled"
-
-
-def test_the_cancel_flag_is_read_at_most_once_per_check_interval(fake_redis: fakeredis.FakeRedis, keys: Keys,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    reads: Counter[bytes] = Counter()
-    read = fake_redis.get
-
-    def counting_read(name: str) -> Any:
-        reads[name.encode()] += 1
-        return read(name)
-
-    monkeypatch.setattr(fake_redis, "get", counting_read)
-    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(chunks_of())), clock=lambda: 5.0)
-    assert outcome == "ended"
-    assert reads[keys.cancel(RID).encode()] == 1  # 13 chunks, all within one check interval
-
-
-def test_a_cancel_during_a_backoff_wait_ends_the_wait(fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
-    sleeps = Sleeps(then=lambda count: fake_redis.set(keys.cancel(RID), jobs.CANCELLED) if count == 2 else None)
-    outcome, run = perform(fake_redis, keys, Upstreams(status(503, retry_after="5")), sleep=sleeps)
-    assert (outcome, run.calls, len(sleeps.calls)) == ("cancelled", 1, 2)
-    assert decode_error(envelopes(fake_redis, keys)[-1])["type"] == "cancelled"
-
-
-def test_a_job_that_finds_its_request_cancelled_publishes_nothing(fake_redis: fakeredis.FakeRedis,
-                                                                  keys: Keys) -> None:
-    fake_redis.set(keys.cancel(RID), jobs.CANCELLED)
-    upstream = Upstreams(streaming(chunks_of()))
-    outcome, run = perform(fake_redis, keys, upstream)
-    assert (outcome, run.calls, upstream.requests) == ("skipped", 0, [])
-    assert fake_redis.exists(keys.chunks(RID)) == 0
-
-
-def test_a_rerun_job_supersedes_what_the_crashed_run_published(fake_redis: fakeredis.FakeRedis,
-                                                               keys: Keys) -> None:
-    lines = chunks_of()
-    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(lines, drop_after=2)), retries=0)
-    assert outcome == "failed"
-    (last_id, _), = fake_redis.xrevrange(keys.chunks(RID), count=1)
-    fake_redis.xdel(keys.chunks(RID), last_id)  # as if the first run had died after two chunks
-    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(lines)))
-    assert outcome == "ended"
-    assert kinds(fake_redis, keys)[-1] == ("end", 1)
-    assert worker_record(fake_redis, keys)["completion"] == assemble(lines)["completion"]
-
-
-def test_a_rerun_after_a_run_that_retried_starts_above_every_earlier_attempt(
-        fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
-    lines = chunks_of()
-    # The first run is cut twice after chunks were pushed (attempts 0 and 1), then its third call fails.
-    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(lines, drop_after=2), streaming(lines, drop_after=3),
-                                                     streaming(lines, drop_after=1)), retries=2)
-    assert outcome == "failed"
-    (last_id, _), = fake_redis.xrevrange(keys.chunks(RID), count=1)
-    fake_redis.xdel(keys.chunks(RID), last_id)  # as if the first run had died in its third attempt
-    outcome, _ = perform(fake_redis, keys, Upstreams(streaming(lines)))
-    assert outcome == "ended"
-    assert kinds(fake_redis, keys)[-1] == ("end", 3)
-    record = worker_record(fake_redis, keys)
-    assert record["status"] == "completed"
-    assert record["completion"] == assemble(lines)["completion"]
-
-
-def test_a_job_that_crashes_fails_its_request_and_reraises(fake_redis: fakeredis.FakeRedis, keys: Keys) -> None:
-    def broken(request: httpx.Request) -> httpx.Response:
-        raise RuntimeError("a bug")
-
-    with pytest.raises(RuntimeError):
-        perform(fake_redis, keys, Upstreams(broken))
-    assert decode_error(envelopes(fake_redis, keys)[-1])["type"] == "producer_error"
+def run_call(client: fakeredis.FakeRedis, settings: Settings, request_id: str) -> str:
+    """A runner's call for ``request_id`` on the same fake Redis; returns its outcome."""
+    async def go() -> str:
+        async with Calls(settings, async_twin(client)) as calls:
+            call, problem = calls.call(request_id, "default", BODY, {})
+            return await calls.run(call, problem)
+    return asyncio.run(go())
 
 
 # --- enqueue and cancel --------------------------------------------------------------------------------------
@@ -411,15 +123,14 @@ def test_cancel_before_the_job_started_removes_it_and_publishes_one_failure(
     assert decode_error(published[1])["type"] == "cancelled"
     assert fake_redis.xlen(keys.requests(keys.shard(request_id))) == 1
     # A runner that dequeued the job just before the cancel finds the request taken, and leaves it.
-    run = CompletionRun(fake_redis, keys)
-    assert run.run(request_id, UpstreamClient("http://unused"), BODY, meta={}) == "skipped"
+    assert run_call(fake_redis, settings, request_id) == "skipped"
     assert cancel(request_id, client=fake_redis, settings=settings) is True
     assert len(envelopes(fake_redis, keys, request_id)) == 2
 
 
 def test_cancel_of_a_running_job_only_raises_the_flag(fake_redis: fakeredis.FakeRedis, settings: Settings) -> None:
     request_id = enqueue_chat_completion(BODY, client=fake_redis, settings=settings)
-    fake_redis.set(settings.keys.cancel(request_id), jobs.RUNNING)
+    fake_redis.set(settings.keys.cancel(request_id), RUNNING)
     assert cancel(request_id, client=fake_redis, settings=settings) is True
     assert fake_redis.get(settings.keys.cancel(request_id)) == jobs.CANCELLED
     assert fake_redis.exists(settings.keys.chunks(request_id)) == 0
@@ -439,10 +150,42 @@ def test_a_job_whose_key_is_missing_fails_its_request_naming_the_variable_only(
         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv("JOBS_TEST_KEY", raising=False)
     monkeypatch.setattr(jobs, "load_settings", lambda: settings)
-    monkeypatch.setattr(jobs, "connect", lambda settings: fake_redis)
+    monkeypatch.setattr(runner_calls, "connect_async", lambda settings: async_twin(fake_redis))
     with caplog.at_level(logging.ERROR):
         summary = jobs.run_chat_completion(RID, "default", BODY, {})
     assert summary == {"request_id": RID, "upstream": "default", "outcome": "failed", "calls": 0}
     error = decode_error(envelopes(fake_redis, settings.keys)[-1])
     assert error["type"] == "config_error" and "JOBS_TEST_KEY" in error["message"]
-    assert "JOBS_TEST_KEY" in caplog.text
+    assert any("JOBS_TEST_KEY" in str(getattr(record, "event_fields", "")) for record in caplog.records)
+
+
+def test_the_job_function_runs_its_call_the_runners_way_on_an_event_loop_of_its_own(
+        fake_redis: fakeredis.FakeRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBS_TEST_KEY", KEY)
+    monkeypatch.setattr(jobs, "load_settings", lambda: settings)
+    monkeypatch.setattr(runner_calls, "connect_async", lambda settings: async_twin(fake_redis))
+    fake_redis.set(settings.keys.cancel(RID), b"cancelled")
+    assert jobs.run_chat_completion(RID, "default", BODY, {}) == {"request_id": RID, "upstream": "default",
+                                                                    "outcome": "skipped", "calls": 0}
+
+
+def test_a_job_that_dies_under_rq_fails_its_request_in_a_new_attempt_after_what_it_pushed(
+        fake_redis: fakeredis.FakeRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rq's job timeout is raised into the call's event loop, which cancels the call before it publishes."""
+    keys = settings.keys
+    monkeypatch.setattr(jobs, "load_settings", lambda: settings)
+    monkeypatch.setattr(jobs, "connect", lambda settings: fake_redis)
+
+    async def timed_out(*args: object) -> None:
+        from producer.publisher import Publisher
+        publisher = Publisher(fake_redis, keys, batch_size=1)
+        publisher.start(RID, token=job_id(keys, RID))
+        publisher.push(RID, b'{"choices": []}')
+        raise TimeoutError("JobTimeoutException")
+
+    monkeypatch.setattr(runner_calls, "run_one", timed_out)
+    with pytest.raises(TimeoutError):
+        jobs.run_chat_completion(RID, "default", BODY, {})
+    published = envelopes(fake_redis, keys)
+    assert [(e.kind, e.attempt) for e in published] == [("start", 0), ("chunk", 0), ("error", 1)]
+    assert decode_error(published[-1])["type"] == "producer_error"

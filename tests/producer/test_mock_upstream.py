@@ -1,7 +1,10 @@
-"""The mock upstream replays every fixture as OpenAI would stream it, and injects the faults it is asked for."""
+"""The mock upstream replays every fixture as its API would stream it - chat completions checked with the official
+``openai`` client, Anthropic with the official ``anthropic`` client - injects the faults it is asked for, and
+holds a thousand streams at once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -11,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import httpx_sse
 import openai
@@ -18,7 +22,7 @@ import pytest
 from openai import Stream
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from producer.mock_upstream import DEFAULT_FIXTURE_DIRS, Faults, MockUpstream, main, sse_frames
+from producer.mock_upstream import DEFAULT_FIXTURE_DIRS, DEFAULT_NATIVE_DIR, Faults, MockUpstream, main, sse_frames
 
 FIXTURES = sorted((path for directory in DEFAULT_FIXTURE_DIRS for path in directory.glob("*.jsonl")), key=str)
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
@@ -314,3 +318,96 @@ def test_command_serves_until_sigterm_and_exits_cleanly() -> None:
             assert "GET /v1/models model=- status=200" in process.stderr.read()
         finally:
             process.kill()
+
+
+# --- native APIs ------------------------------------------------------------------------------------------
+
+NATIVE = {api: sorted((DEFAULT_NATIVE_DIR / api).glob("*.jsonl")) for api in ("anthropic", "responses", "gemini")}
+
+
+@pytest.mark.parametrize("fixture", NATIVE["anthropic"], ids=[path.stem for path in NATIVE["anthropic"]])
+def test_the_anthropic_client_reads_each_native_fixture_event_for_event(upstream: MockUpstream, fixture: Path) -> None:
+    lines = [json.loads(line) for line in fixture.read_bytes().splitlines() if line.strip()]
+    with anthropic.Anthropic(base_url=upstream.root_url, api_key="test-key", max_retries=0) as client:
+        events = [event.model_dump(exclude_unset=True, warnings=False) for event in client.messages.create(
+            model=fixture.stem, max_tokens=64, messages=[{"role": "user", "content": "hi"}], stream=True)]
+        with client.messages.stream(model=fixture.stem, max_tokens=64,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
+            final = stream.get_final_message()
+    # The SDK drops pings, as it does from Anthropic's own streams; every other event arrives as sent.
+    assert events == [line for line in lines if line["type"] != "ping"]
+    assert final.stop_reason == next(line for line in lines if line["type"] == "message_delta")["delta"]["stop_reason"]
+
+
+def test_anthropic_events_are_named_by_their_type_on_the_wire(http: httpx.Client) -> None:
+    path = NATIVE["anthropic"][0]
+    body = {"model": path.stem, "messages": [], "max_tokens": 1, "stream": True}
+    with httpx_sse.connect_sse(http, "POST", "/messages", json=body) as source:
+        events = list(source.iter_sse())
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    assert [(event.event, event.data.encode()) for event in events] == [
+        (json.loads(line)["type"], line) for line in lines]
+
+
+@pytest.mark.parametrize("fixture", NATIVE["responses"], ids=[path.stem for path in NATIVE["responses"]])
+def test_responses_fixtures_stream_as_typed_events_without_done(http: httpx.Client, fixture: Path) -> None:
+    with httpx_sse.connect_sse(http, "POST", "/responses",
+                               json={"model": fixture.stem, "input": "hi", "stream": True}) as source:
+        events = [(event.event, event.data.encode()) for event in source.iter_sse()]
+    lines = [line for line in fixture.read_bytes().splitlines() if line.strip()]
+    assert events == [(json.loads(line)["type"], line) for line in lines]
+
+
+@pytest.mark.parametrize("fixture", NATIVE["gemini"], ids=[path.stem for path in NATIVE["gemini"]])
+def test_gemini_fixtures_stream_as_sse_data_lines_under_the_models_path(upstream: MockUpstream, fixture: Path) -> None:
+    url = f"{upstream.root_url}/v1beta/models/{fixture.stem}:streamGenerateContent"
+    with httpx.Client(timeout=10) as http, httpx_sse.connect_sse(
+            http, "POST", url, params={"alt": "sse"}, json={"contents": []}, headers={"x-goog-api-key": "k"}) as source:
+        data = [event.data.encode() for event in source.iter_sse()]
+    assert data == [line for line in fixture.read_bytes().splitlines() if line.strip()]
+    assert upstream.requests_seen[0].model == fixture.stem
+
+
+def test_an_injected_529_reaches_the_anthropic_client_as_overloaded(upstream: MockUpstream) -> None:
+    with anthropic.Anthropic(base_url=upstream.root_url, api_key="k", max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            client.messages.create(model=NATIVE["anthropic"][0].stem, max_tokens=1, stream=True,
+                                   messages=[{"role": "user", "content": "hi"}], extra_query={"mock_status": "529"})
+    assert raised.value.status_code == 529
+    assert raised.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+def test_an_injected_stream_error_reaches_the_anthropic_client_as_an_api_error(upstream: MockUpstream) -> None:
+    with anthropic.Anthropic(base_url=upstream.root_url, api_key="k", max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError, match="Injected stream error"):
+            with client.messages.stream(model=NATIVE["anthropic"][0].stem, max_tokens=1,
+                                        messages=[{"role": "user", "content": "hi"}],
+                                        extra_query={"mock_error_after": "2"}) as stream:
+                list(stream)
+
+
+def test_the_peak_of_requests_served_at_once_is_recorded(upstream: MockUpstream) -> None:
+    async def open_streams() -> None:
+        async with httpx.AsyncClient(base_url=upstream.base_url, timeout=10) as http:
+            async def one() -> None:
+                response = await http.post("/chat/completions", json=chat_body(), params={"mock_latency_ms": "20"})
+                assert response.status_code == 200
+            await asyncio.gather(*(one() for _ in range(50)))
+
+    asyncio.run(open_streams())
+    assert upstream.peak_connections == 50
+
+
+def test_a_burst_of_a_thousand_connections_is_accepted_without_a_refusal(upstream: MockUpstream) -> None:
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=upstream.base_url, timeout=30, limits=limits) as http:
+            async def one() -> int:
+                async with http.stream("POST", "/chat/completions", json=chat_body("groq_tool_call_whole_args"),
+                                       params={"mock_latency_ms": "500"}) as response:
+                    await response.aread()
+                    return response.status_code
+            return await asyncio.gather(*(one() for _ in range(1000)))
+
+    assert asyncio.run(burst()) == [200] * 1000
+    assert upstream.peak_connections > 500  # they overlapped: the mock held hundreds of streams at once

@@ -1,23 +1,27 @@
-"""The upstream client speaks SSE over httpx, translates every failure once, and never lets an API key out."""
+"""The upstream client speaks each API's SSE over httpx, translates every failure once, and never lets an API key
+out. The network is an ``httpx.MockTransport``; each test runs its coroutine with ``asyncio.run``."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from email.utils import formatdate
 
 import httpx
 import orjson
 import pytest
 
-from producer.upstream import (RedactingFilter, RetryPolicy, UpstreamClient, api_key_of, error_message, failure,
-                               parse_retry_after, redact)
+from producer.apis import APIS, error_message
+from producer.upstream import (RedactingFilter, RetryPolicy, UpstreamClient, api_key_of, failure, parse_retry_after,
+                               redact)
 from streamfold.capture import CapturedItem
+from streamfold.contract import error_info
 from streamfold.errors import ConfigError, UpstreamError
 from streamfold.settings import Settings, Upstream, read_upstreams
 
 KEY = "sk-test-0123456789abcdef"
-BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 CHUNKS = [b'{"id":"c1","choices":[{"index":0,"delta":{"content":"Hel"}}]}',
           b'{"id":"c1","choices":[{"index":0,"delta":{"content":"lo \xc3\xa9"},"finish_reason":"stop"}]}']
 
@@ -32,27 +36,36 @@ def data(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-def stream_response(body: bytes | Iterator[bytes], status: int = 200) -> httpx.Response:
+def stream_response(body: bytes | Iterable[bytes], status: int = 200) -> httpx.Response:
     return httpx.Response(status, headers={"content-type": "text/event-stream"},
-                          stream=_Stream(iter([body]) if isinstance(body, bytes) else body))
+                          stream=_Stream([body] if isinstance(body, bytes) else body))
 
 
-class _Stream(httpx.SyncByteStream):
-    def __init__(self, parts: Iterator[bytes]) -> None:
+class _Stream(httpx.AsyncByteStream):
+    """A response body sent in parts; a part that raises cuts the stream there."""
+
+    def __init__(self, parts: Iterable[bytes]) -> None:
         self.parts = parts
+        self.closed = False
 
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self.parts
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            yield part
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
-def client_for(handler: Handler, base_url: str = "http://upstream.test/v1",
-               api_key: str | None = KEY) -> UpstreamClient:
-    return UpstreamClient(base_url, api_key=api_key, transport=httpx.MockTransport(handler))
+def client_for(handler: Handler, base_url: str = "http://upstream.test/v1", api_key: str | None = KEY,
+               api: str = "chat") -> UpstreamClient:
+    return UpstreamClient(base_url, api=APIS[api], api_key=api_key, transport=httpx.MockTransport(handler))
 
 
-def items(handler: Handler, **options: str) -> list[CapturedItem]:
-    with client_for(handler, **options) as client:
-        return list(client.stream_chat(BODY))
+def items(handler: Handler, body: dict[str, object] = BODY, **options: str) -> list[CapturedItem]:
+    async def collect() -> list[CapturedItem]:
+        async with client_for(handler, **options) as client:
+            return [item async for item in client.stream(body)]
+    return asyncio.run(collect())
 
 
 def upstream_error(handler: Handler) -> UpstreamError:
@@ -91,7 +104,71 @@ def test_the_request_posts_the_body_with_the_key_as_bearer_and_keeps_the_base_ur
     assert request.method == "POST"
     assert str(request.url) == "http://upstream.test/openai/v1/chat/completions?api-version=2024-10-21"
     assert request.headers["authorization"] == f"Bearer {KEY}"
-    assert orjson.loads(request.content) == BODY
+    assert orjson.loads(request.content) == {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def test_an_anthropic_call_posts_to_messages_with_its_key_and_version_headers() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return stream_response(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+
+    received = items(handler, base_url="https://api.anthropic.test/v1", api="anthropic")
+    (request,) = seen
+    assert str(request.url) == "https://api.anthropic.test/v1/messages"
+    assert (request.headers["x-api-key"], request.headers["anthropic-version"]) == (KEY, "2023-06-01")
+    assert "authorization" not in request.headers
+    assert orjson.loads(request.content) == {**BODY, "stream": True}
+    assert received == [CapturedItem("chunk", b'{"type":"message_stop"}')]
+
+
+def test_a_responses_call_posts_to_responses_with_a_bearer_key() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return stream_response(b"event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n")
+
+    items(handler, body={"model": "gpt-5", "input": "hi"}, api="responses")
+    assert str(seen[0].url) == "http://upstream.test/v1/responses"
+    assert seen[0].headers["authorization"] == f"Bearer {KEY}"
+    assert orjson.loads(seen[0].content) == {"model": "gpt-5", "input": "hi", "stream": True}
+
+
+def test_a_gemini_call_names_the_model_in_its_path_and_asks_for_sse() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return stream_response(b'data: {"candidates": []}\r\n\r\n')
+
+    body = {"model": "gemini-2.5-flash", "contents": [{"parts": [{"text": "hi"}]}]}
+    received = items(handler, body=body, base_url="https://gemini.test/v1beta", api="gemini")
+    assert str(seen[0].url) == "https://gemini.test/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    assert seen[0].headers["x-goog-api-key"] == KEY
+    assert orjson.loads(seen[0].content) == {"contents": [{"parts": [{"text": "hi"}]}]}
+    assert received == [CapturedItem("chunk", b'{"candidates": []}')]
+
+
+@pytest.mark.parametrize(("api", "event"), [
+    ("anthropic", b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'),
+    ("responses", b'event: error\ndata: {"type":"error","code":"server_error","message":"Overloaded"}'),
+    ("gemini", b'data: {"error": {"code": 503, "message": "Overloaded", "status": "UNAVAILABLE"}}'),
+])
+def test_each_apis_error_event_ends_the_stream_as_an_error(api: str, event: bytes) -> None:
+    received = items(lambda request: stream_response(event + b"\n\n" + data(CHUNKS[0])), api=api)
+    assert [item.kind for item in received] == ["error"]
+    error = received[0].error_body()
+    assert isinstance(error, dict)
+    assert error_info(error)["message"] == "Overloaded"
+
+
+def test_anthropics_529_overloaded_is_retried_and_reads_as_overloaded() -> None:
+    body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    error = upstream_error(lambda request: httpx.Response(529, json=body))
+    assert (str(error), error.status, error.retryable) == ("Overloaded", 529, True)
+    assert failure(error)["type"] == "overloaded"
 
 
 def test_without_a_key_no_authorization_header_is_sent() -> None:
@@ -146,14 +223,19 @@ def test_a_read_timeout_is_retryable() -> None:
 
 
 def test_a_connection_dropped_mid_stream_raises_after_the_chunks_already_read() -> None:
-    def parts() -> Iterator[bytes]:
+    def parts() -> Iterable[bytes]:
         yield data(CHUNKS[0])
         raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
 
     received: list[CapturedItem] = []
-    with client_for(lambda request: stream_response(parts())) as client, pytest.raises(UpstreamError) as caught:
-        for item in client.stream_chat(BODY):
-            received.append(item)
+
+    async def read() -> None:
+        async with client_for(lambda request: stream_response(parts())) as client:
+            async for item in client.stream(BODY):
+                received.append(item)
+
+    with pytest.raises(UpstreamError) as caught:
+        asyncio.run(read())
     assert received == [CapturedItem("chunk", CHUNKS[0])]
     assert caught.value.retryable and "peer closed connection" in str(caught.value)
 
@@ -164,18 +246,17 @@ def test_an_answer_that_is_not_an_event_stream_is_not_retried() -> None:
 
 
 def test_closing_the_iterator_closes_the_response() -> None:
-    closed: list[bool] = []
+    body = _Stream([data(CHUNKS[0]), data(CHUNKS[1])])
 
-    class Tracked(_Stream):
-        def close(self) -> None:
-            closed.append(True)
+    async def read_one() -> None:
+        async with client_for(lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                                             stream=body)) as client:
+            stream = client.stream(BODY)
+            await anext(stream)
+            await stream.aclose()  # type: ignore[attr-defined]
 
-    with client_for(lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"},
-                                                   stream=Tracked(iter([data(CHUNKS[0]), data(CHUNKS[1])])))) as client:
-        stream = client.stream_chat(BODY)
-        next(stream)
-        stream.close()
-    assert closed == [True]
+    asyncio.run(read_one())
+    assert body.closed
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -184,6 +265,8 @@ def test_closing_the_iterator_closes_the_response() -> None:
     (b'{"message": "m3"}', "m3"),
     (b'{"detail": "m4"}', "m4"),
     (b'["m5"]', "['m5']"),
+    (b'{"type": "error", "error": {"type": "overloaded_error", "message": "m6"}}', "m6"),
+    (b'[{"error": {"code": 429, "message": "m7", "status": "RESOURCE_EXHAUSTED"}}]', "m7"),
     (b"plain text", "plain text"),
     (b"", "Bad Gateway"),
 ])
@@ -268,7 +351,8 @@ def test_the_upstream_table_is_read_from_json_with_defaults() -> None:
     table = read_upstreams('{"default": {"base_url": "http://a/v1", "api_key_env": "K"},'
                            ' "mt": {"base_url": "http://b/v1", "mode": "cumulative", "params": {"model": "qwen"}}}')
     assert table["default"] == Upstream(base_url="http://a/v1", api_key_env="K")
-    assert (table["mt"].mode, table["mt"].params) == ("cumulative", {"model": "qwen"})
+    assert (table["mt"].mode, table["mt"].params, table["mt"].api) == ("cumulative", {"model": "qwen"}, "chat")
+    assert read_upstreams('{"default": {"base_url": "http://c/v1", "api": "anthropic"}}')["default"].api == "anthropic"
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -278,6 +362,7 @@ def test_the_upstream_table_is_read_from_json_with_defaults() -> None:
     ('{"default": {"mode": "cumulative"}}', "base_url: Field required"),
     ('{"default": {"base_url": "http://a", "mode": "sometimes"}}', "mode: Input should be"),
     ('{"default": {"base_url": "http://a", "retries": 3}}', "retries: Extra inputs are not permitted"),
+    ('{"default": {"base_url": "http://a", "api": "cohere"}}', "api: Input should be"),
 ])
 def test_a_bad_upstream_table_is_a_config_error_saying_why(raw: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,279 @@
+"""Publishing from many calls at once: one shared pipeline, flushed on size or on a short timer.
+
+Every call in a runner process hands its envelopes to one ``Batcher``. Entries wait at most ``flush_s``
+(a couple of milliseconds) or until ``batch`` of them are waiting, then go to Redis in one round trip with
+everything the other calls pushed meanwhile, so a thousand calls cost a few hundred round trips a second,
+not a round trip per chunk. One batch is in flight at a time and batches leave in the order entries were
+handed in, so each request's entries reach its stream in the order they were pushed.
+
+When Redis is slow or away, a batch that failed is sent again, whole and first, after a backoff: nothing is
+dropped and nothing overtakes it. An entry sent twice is harmless - workers drop a repeated (attempt, seq),
+ignore entries after the end, and a start written again with the same token is the same start. While
+batches cannot leave, pushes wait once ``buffer_bytes`` of chunks are held (backpressure: the calls stop
+reading their upstreams), so a runner's memory stays bounded. Starts and closes never wait for room, so a
+call can always finish what it began.
+
+``RequestStream`` is one request's view of it: the attempt and seq bookkeeping of ``producer.Publisher``,
+with the same envelopes (streamfold/contract.py) and the same start script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import redis
+import redis.asyncio
+from redis.asyncio.client import Pipeline
+
+from producer.publisher import START_SCRIPT, check_started, now_ms, start_arguments
+from streamfold import contract
+from streamfold.connection import cannot_serve
+from streamfold.contract import Envelope, ErrorInfo, Fields, Format, Mode, decode_envelope
+from streamfold.errors import RedisRefused
+from streamfold.keys import Keys
+from streamfold.logs import EventLog
+
+log = logging.getLogger("streamfold.runner")
+
+Queue = Callable[[Pipeline], int]  # queues an entry's commands on a pipeline; returns how many
+
+
+T = TypeVar("T")
+
+
+def backoff_s(failures: int) -> float:
+    """How long to wait after ``failures`` sends in a row found Redis away: 50 ms doubling to 2 s, jittered."""
+    return float(min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+
+
+async def patiently(command: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run a call's own Redis command (a claim, a read), waiting out a Redis that cannot serve for now rather
+    than failing the call: a Redis outage must not cost a call its upstream attempt or its result."""
+    failures = 0
+    while True:
+        try:
+            return await command()
+        except redis.RedisError as exc:
+            if not cannot_serve(exc):
+                raise
+            failures += 1
+            delay = backoff_s(failures)
+            EventLog(log).warning("redis_unavailable", doing=what, error=f"{type(exc).__name__}: {exc}",
+                                  retry_in_s=round(delay, 3))
+            await asyncio.sleep(delay)
+
+
+class Discarded(Exception):
+    """An entry dropped unsent: the runner lost its lease, and with it the calls the entry was for."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    queue: Queue
+    size: int
+    reply: asyncio.Future[Any] | None
+
+
+class Batcher:
+    """The shared publishing pipeline of one process; ``run`` is its flushing task.
+
+    ``gate`` is awaited before each batch leaves: a runner passes its lease check, so that a runner whose
+    calls were taken over by a peer never writes for them again - on False, everything buffered is dropped
+    and whoever waits for a reply gets ``Discarded``. ``on_redis_error`` counts failed sends.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, *, flush_s: float = 0.002, batch: int = 1000,
+                 buffer_bytes: int = 64 * 2**20, gate: Callable[[], Awaitable[bool]] | None = None,
+                 on_redis_error: Callable[[], None] | None = None) -> None:
+        self.client = client
+        self._flush_s, self._batch, self._limit = flush_s, batch, buffer_bytes
+        self._gate, self._on_redis_error = gate, on_redis_error
+        self._entries: deque[_Entry] = deque()
+        self._bytes = 0
+        self._waiting = asyncio.Event()   # something to send
+        self._due = asyncio.Event()       # send now: a batch is full, or someone waits for a reply
+        self._room = asyncio.Event()      # the buffer fell below its limit
+        self._room.set()
+        self._replies = 0  # entries buffered whose sender waits for the reply
+        self._start = client.register_script(START_SCRIPT)
+        self._log = EventLog(log)
+        self.flushes = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._entries)
+
+    async def send(self, queue: Queue, *, size: int = 0, reply: bool = False) -> Any:
+        """Hand an entry over; with ``reply``, wait until it was sent and return the reply of its last command
+        (RedisRefused when Redis refused it). Entries with a ``size`` wait for room first."""
+        if size:
+            while self._bytes >= self._limit:
+                self._room.clear()
+                await self._room.wait()
+        future = asyncio.get_running_loop().create_future() if reply else None
+        self._entries.append(_Entry(queue, size, future))
+        self._bytes += size
+        self._replies += future is not None
+        self._waiting.set()
+        if reply or len(self._entries) >= self._batch:
+            self._due.set()
+        return await future if future is not None else None
+
+    async def start(self, keys: list[str], args: list[Any]) -> Any:
+        """Run producer/lua/start.lua in the next batch and return its answer."""
+        return await self.send(lambda pipe: self._queue_start(pipe, keys, args), reply=True)
+
+    async def drain(self) -> None:
+        """Wait until everything handed over so far was sent."""
+        if self._entries:
+            await self.send(lambda pipe: 0, reply=True)
+
+    async def run(self) -> None:
+        """Send batches until cancelled; a batch that fails for want of Redis is sent again after a backoff."""
+        failures = 0
+        while True:
+            await self._waiting.wait()
+            if not self._due.is_set():
+                # A timer that sets ``_due``, rather than wait_for: this runs at every flush, and wait_for
+                # makes a task each time.
+                timer = asyncio.get_running_loop().call_later(self._flush_s, self._due.set)
+                await self._due.wait()
+                timer.cancel()
+            batch = list(itertools.islice(self._entries, self._batch))
+            try:
+                if self._gate is not None and not await self._gate():
+                    self._discard()
+                    continue
+                replies = await self._execute(batch)
+            except redis.RedisError as exc:
+                # Whatever Redis answered - away, failing over, refusing the whole batch - the batch waits and
+                # goes again: the calls' entries must not be dropped, and a refusal may be put right meanwhile.
+                failures += 1
+                if self._on_redis_error is not None:
+                    self._on_redis_error()
+                delay = backoff_s(failures)
+                event = "redis_unavailable" if cannot_serve(exc) else "redis_refused"
+                self._log.warning(event, error=f"{type(exc).__name__}: {exc}", buffered=self.buffered,
+                                  retry_in_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self.flushes += 1
+            self._settle(batch, replies)
+
+    async def _execute(self, batch: list[_Entry]) -> list[list[Any]]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            counts = [entry.queue(pipe) for entry in batch]
+            flat = await pipe.execute(raise_on_error=False)
+        replies, at = [], 0
+        for count in counts:
+            replies.append(flat[at:at + count])
+            at += count
+        return replies
+
+    def _settle(self, batch: list[_Entry], replies: list[list[Any]]) -> None:
+        for entry, reply in zip(batch, replies):
+            self._entries.popleft()
+            self._bytes -= entry.size
+            error = next((part for part in reply if isinstance(part, Exception)), None)
+            self._replies -= entry.reply is not None
+            if entry.reply is not None and not entry.reply.done():
+                if error is not None:
+                    entry.reply.set_exception(RedisRefused(f"Redis refused a runner's write: {error}"))
+                else:
+                    entry.reply.set_result(reply[-1] if reply else None)
+            elif error is not None:
+                self._log.error("entry_refused", error=str(error))
+        if not self._entries:
+            self._waiting.clear()
+            self._due.clear()
+        elif len(self._entries) < self._batch and not self._replies:
+            self._due.clear()
+        if self._bytes < self._limit:
+            self._room.set()
+
+    def _discard(self) -> None:
+        for entry in self._entries:
+            if entry.reply is not None and not entry.reply.done():
+                entry.reply.set_exception(Discarded("this runner no longer holds its calls; nothing was sent"))
+        self._entries.clear()
+        self._bytes = self._replies = 0
+        self._waiting.clear()
+        self._due.clear()
+        self._room.set()
+
+    def _queue_start(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> int:
+        # What AsyncScript.__call__ does for a pipeline, without awaiting: the pipeline loads the script
+        # before it sends, should Redis not know it yet.
+        # redis-py types the pipeline's scripts as blocking ones; it loads asynchronous ones all the same.
+        pipe.scripts.add(self._start)  # type: ignore[arg-type]
+        pipe.evalsha(self._start.sha, len(keys), *keys, *args)
+        return 1
+
+
+class RequestStream:
+    """One request's envelopes through the shared Batcher: start, chunks of the current attempt, end or error.
+
+    The request id belongs to ``token`` (the job's), so a re-run of the same job may start it again and no
+    other producer can. ``max_age`` is the chunk stream's safety expiry, as the Publisher sets it.
+    ``provider`` and ``request_model`` name the call in its usage event (and price it).
+    """
+
+    def __init__(self, batcher: Batcher, keys: Keys, request_id: str, *, token: str, max_age: int,
+                 provider: str | None = None, request_model: str | None = None) -> None:
+        self.request_id = request_id
+        self.key = keys.chunks(request_id)
+        self.attempt = 0
+        self.pushed = 0  # chunks of the current attempt
+        self._batcher, self._keys, self._token, self._max_age = batcher, keys, token, max_age
+        self._provider, self._request_model = provider, request_model
+
+    async def start(self, meta: Mapping[str, Any], mode: Mode, api: str) -> None:
+        """Open the request (start envelope and control entry, one script); ContractError when another
+        producer owns the request id. ``api`` is the upstream's wire API: the stream's format."""
+        keys, args = start_arguments(self._keys, self.request_id, meta, mode, token=self._token,
+                                     max_age=self._max_age, format=cast(Format, api), provider=self._provider,
+                                     request_model=self._request_model)
+        check_started(self.request_id, await self._batcher.start(keys, args))
+
+    async def last_entry(self) -> Envelope | None:
+        """The newest envelope in the request's stream, None when it has none: where a re-run picks up."""
+        await self._batcher.drain()
+        newest = await patiently(lambda: self._batcher.client.xrevrange(self.key, count=1), "reading a stream")
+        return decode_envelope(cast(Fields, newest[0][1])) if newest else None
+
+    def follow(self, attempt: int) -> None:
+        """Continue after ``attempt``: the next chunk starts attempt + 1, which replaces every earlier one."""
+        self.attempt, self.pushed = attempt + 1, 0
+
+    async def push(self, raw: bytes) -> None:
+        fields = contract.encode_chunk(raw, seq=self.pushed, attempt=self.attempt, ts_ms=now_ms())
+        self.pushed += 1
+        await self._batcher.send(lambda pipe: _xadd(pipe, self.key, fields), size=len(raw) + 64)
+
+    async def end(self) -> None:
+        await self._close(contract.encode_end(attempt=self.attempt, ts_ms=now_ms()))
+
+    async def fail(self, error: str | Mapping[str, Any] | BaseException) -> None:
+        info = contract.error_info(error)
+        await self._close(contract.encode_error(info, attempt=self.attempt, ts_ms=now_ms()))
+
+    async def _close(self, fields: dict[str, bytes]) -> None:
+        """The end or error envelope, and the stream's safety expiry; returns once both are in Redis."""
+        def queue(pipe: Pipeline) -> int:
+            _xadd(pipe, self.key, fields)
+            pipe.expire(self.key, self._max_age, nx=True)
+            return 2
+        await self._batcher.send(queue, reply=True)
+
+
+def _xadd(pipe: Pipeline, key: str, fields: dict[str, bytes]) -> int:
+    pipe.xadd(key, fields)  # type: ignore[arg-type]
+    return 1
