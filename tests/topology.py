@@ -1,0 +1,166 @@
+"""Real Redis topologies on loopback ports, started by the tests that need them: a Redis Cluster of N masters,
+and a primary with a replica watched by three Sentinels. Each server runs from Debian's ``redis-server`` (Sentinel
+as ``redis-server --sentinel``) in a directory of its own, and is killed when the topology is closed."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+SENTINEL_SERVICE = "streamfold-primary"
+
+
+def require_redis_server() -> None:
+    """Skip without redis-server, except where a run must not skip (CI): there, fail."""
+    if shutil.which("redis-server") and shutil.which("redis-cli"):
+        return
+    message = "redis-server and redis-cli are needed to start a cluster or a Sentinel group"
+    if os.environ.get("STREAMFOLD_REQUIRE_REDIS") or os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port(*, bus: bool = False) -> int:
+    """A port nothing listens on. ``bus``: one a cluster node can take, its bus port (10,000 higher) free too."""
+    while True:
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", random.randrange(20_000, 55_000) if bus else 0))
+                port = int(probe.getsockname()[1])
+            if bus:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port + 10_000))
+            return port
+        except OSError:
+            continue
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Server:
+    """One redis-server (or Sentinel) process."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+
+    def client(self, **options: object) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2, **options)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last write - as a crashed host."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def log(self) -> str:
+        path = self.directory / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@dataclass
+class Topology:
+    """Servers started together and stopped together."""
+
+    root: Path
+    servers: list[Server] = field(default_factory=list)
+
+    def start(self, name: str, *options: str, config: Path | None = None) -> Server:
+        port = free_port(bus="--cluster-enabled" in options)
+        directory = self.root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen(
+            ["redis-server", *([str(config)] if config else []), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(directory), "--logfile", "server.log", *options],
+            cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        server = Server(port, directory, process)
+        self.servers.append(server)
+        wait_for(lambda: bool(server.client().ping()), 10, f"redis-server {name} on port {port}")
+        return server
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.kill()
+
+
+def start_cluster(root: Path, masters: int = 3) -> tuple[Topology, list[Server]]:
+    """A Redis Cluster of ``masters`` masters and no replicas, every slot served; its nodes' servers."""
+    topology = Topology(root)
+    nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                            "--cluster-node-timeout", "2000") for number in range(masters)]
+    if masters == 1:
+        nodes[0].client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    else:
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+    for node in nodes:
+        wait_for(lambda node=node: node.client().cluster("info").get("cluster_state") == "ok", 30,
+                 f"cluster node {node.port} to see every slot served")
+    return topology, nodes
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, its replica and three Sentinels watching them as ``SENTINEL_SERVICE``."""
+
+    topology: Topology
+    primary: Server
+    replica: Server
+    sentinels: list[Server]
+
+    @property
+    def addresses(self) -> str:
+        """``STREAMFOLD_REDIS_SENTINELS``: the Sentinels as host:port, comma-separated."""
+        return ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+
+    def primary_port(self) -> int:
+        return int(self.sentinels[0].client().sentinel_get_master_addr_by_name(SENTINEL_SERVICE)[1])
+
+
+def start_sentinel_group(root: Path, *, down_after_ms: int = 1500) -> SentinelGroup:
+    topology = Topology(root)
+    primary = topology.start("primary")
+    replica = topology.start("replica", "--replicaof", "127.0.0.1", str(primary.port))
+    wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", 15,
+             "the replica to sync")
+    sentinels = []
+    for number in range(3):
+        directory = root / f"sentinel-{number}"
+        directory.mkdir(parents=True, exist_ok=True)
+        conf = directory / "sentinel.conf"
+        conf.write_text(f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {primary.port} 2\n"
+                        f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {down_after_ms}\n"
+                        f"sentinel failover-timeout {SENTINEL_SERVICE} 10000\n"
+                        f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n")
+        sentinels.append(topology.start(f"sentinel-{number}", "--sentinel", config=conf))
+    group = SentinelGroup(topology, primary, replica, sentinels)
+    wait_for(lambda: all(_other_sentinels(sentinel) == 2 for sentinel in sentinels), 20,
+             "the Sentinels to find each other")
+    return group
+
+
+def _other_sentinels(sentinel: Server) -> int:
+    return int(sentinel.client().sentinel_master(SENTINEL_SERVICE)["num-other-sentinels"])
