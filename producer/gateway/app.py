@@ -39,6 +39,7 @@ from producer.gateway.access import Caller, Gatekeeper
 from producer.gateway.chunks import ChunkWriter, Superseded
 from producer.gateway.hub import Overrun, StreamHub
 from producer.gateway.metrics import GatewayMetrics
+from producer.gateway.translate import native_body
 from producer.jobs import cancel, enqueue_chat_completion, job_id
 from producer.publisher import new_request_id
 from streamfold import contract
@@ -169,6 +170,8 @@ class Gateway:
     async def start(self, body: dict[str, Any], caller: Caller, idempotency_key: str | None) -> tuple[str, bool]:
         """Enqueue the call (or find the one an Idempotency-Key started); returns (request id, new)."""
         upstream, params = route(body, self.settings)
+        config = self.settings.upstreams.get(upstream)
+        params = native_body(config.api if config else "chat", params)
         meta = {"tenant": caller.tenant} if caller.tenant else {}
         if isinstance(body.get("user"), str):
             meta["user"] = body["user"]

@@ -81,7 +81,10 @@ def stack() -> Iterator[GatewayStack]:
     processes: list[subprocess.Popen[bytes]] = []
     with MockUpstream() as upstream:
         table = {"default": {"base_url": upstream.base_url}, "slow": {"base_url": upstream.base_url + "?mock_latency_ms=40"},
-                 "broken": {"base_url": upstream.base_url + "?mock_status=400"}}
+                 "broken": {"base_url": upstream.base_url + "?mock_status=400"},
+                 "anthropic": {"base_url": upstream.base_url, "api": "anthropic"},
+                 "responses": {"base_url": upstream.base_url, "api": "responses"},
+                 "gemini": {"base_url": upstream.root_url + "/v1beta", "api": "gemini"}}
         common: dict[str, Any] = dict(redis_url=TEST_REDIS_URL, namespace=namespace, queue=namespace, upstreams=table,
                                       block_ms=100, socket_timeout=3, stall_timeout=10, claim_timeout=5)
         env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}

@@ -14,7 +14,7 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from producer.mock_upstream import DEFAULT_FIXTURE_DIRS
-from tests.conftest import load_jsonl
+from tests.conftest import ROOT, load_jsonl
 from tests.producer.gateway.conftest import KEYS, GatewayStack, sse_events
 from worker import assemble
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.redis
 
 FIXTURES = {path.stem: path for directory in DEFAULT_FIXTURE_DIRS for path in sorted(directory.glob("*.jsonl"))}
 MESSAGES = [{"role": "user", "content": "Hi"}]
+NATIVE = {f"{path.parent.name}/{path.stem}": path for path in sorted((ROOT / "fixtures" / "native").glob("*/*.jsonl"))}
 SAMPLE = ["openai_parallel_tool_calls", "openai_n3_multiple_choices", "deepseek_reasoner_tool_call",
           "qwen_mt_plus_cumulative", "openai_refusal"]
 
@@ -58,6 +59,28 @@ def test_the_sdks_stream_helper_gets_exactly_the_assembled_message(stack: Gatewa
     assert view(completion) == view(expected)
     assert (completion.id, completion.model, completion.created) == (expected["id"], expected["model"],
                                                                      expected["created"])
+
+
+@pytest.mark.parametrize("model", sorted(NATIVE))
+def test_a_native_upstream_reaches_the_sdk_as_the_chat_message_its_record_holds(stack: GatewayStack, model: str) -> None:
+    """A model ``anthropic/...``, ``responses/...`` or ``gemini/...`` is called in that API's own dialect
+    (the body translated); the client still reads chat chunks, and they add up to the native record."""
+    with sdk(stack).chat.completions.stream(model=model, messages=MESSAGES, max_tokens=64) as stream:  # type: ignore
+        for _ in stream:
+            pass
+        completion = stream.get_final_completion()
+    api, name = model.split("/")
+    expected = assemble(load_jsonl(NATIVE[model]), format=api)["completion"]  # type: ignore[arg-type]
+    assert view(completion) == view(expected)
+    seen = [seen for seen in stack.upstream.requests_seen if seen.model == name][-1]
+    assert seen.path == {"anthropic": "/v1/messages", "responses": "/v1/responses",
+                         "gemini": f"/v1beta/models/{name}:streamGenerateContent"}[api]
+    translated = {"anthropic": {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                "max_tokens": 64},
+                  "responses": {"input": [{"role": "user", "content": "Hi"}], "max_output_tokens": 64},
+                  "gemini": {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}],
+                             "generationConfig": {"maxOutputTokens": 64}}}[api]
+    assert isinstance(seen.body, dict) and {key: seen.body.get(key) for key in translated} == translated
 
 
 @pytest.mark.parametrize("model", SAMPLE)
@@ -202,6 +225,10 @@ def test_bad_calls_get_openai_shaped_errors(stack: GatewayStack) -> None:
         for body, status in ((b"not json", 400), (b'{"model": "x"}', 400), (b'{"model": 1, "messages": []}', 400)):
             answer = http.post("/v1/chat/completions", content=body)
             assert answer.status_code == status and answer.json()["error"]["message"]
+        untranslatable = {"model": "anthropic/anthropic_text_basic", "messages": [{"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}
+        answer = http.post("/v1/chat/completions", json=untranslatable)
+        assert answer.status_code == 400 and "not JSON" in answer.json()["error"]["message"]
         assert http.get("/v1/requests/no-such-request").status_code == 404
         assert http.get("/v1/requests/has space").status_code == 400
         assert http.get("/healthz").json()["status"] == "ok"
