@@ -7,16 +7,15 @@ from typing import Any, get_type_hints
 import pytest
 from anthropic.types import ImageBlockParam, TextBlockParam, ToolParam, ToolResultBlockParam, ToolUseBlockParam
 from anthropic.types.message_create_params import MessageCreateParamsStreaming
-from openai.types.responses import FunctionToolParam
+from openai.types.responses import EasyInputMessageParam, FunctionToolParam, ResponseFunctionToolCallParam
 from openai.types.responses.response_create_params import ResponseCreateParamsStreaming
-from openai.types.responses.response_input_param import (EasyInputMessageParam, FunctionCallOutput,
-                                                         ResponseFunctionToolCallParam)
+from openai.types.responses.response_input_param import FunctionCallOutput
 from pydantic import TypeAdapter
 
 from producer.gateway.translate import ANTHROPIC_MAX_TOKENS, native_body
 from streamfold.errors import ConfigError
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+WEATHER: dict[str, Any] = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 CONVERSATION: dict[str, Any] = {
     "model": "m", "temperature": 0.2, "max_tokens": 300, "stop": "END", "tools": [WEATHER], "tool_choice": "required",
