@@ -2,7 +2,9 @@
 
 Each ``python -m worker`` / ``python -m producer`` command of a service, healthcheck or the image's CMD is
 parsed with the project's own argument parser, so a renamed subcommand or a dropped flag fails here instead of
-in a crash-looping container. The rest checks what scaling and persistence depend on.
+in a crash-looping container. The rest checks what scaling, persistence and monitoring depend on: the
+monitoring profile's Prometheus scrapes every metrics port the commands open, and Grafana reads the
+provisioning files and the Prometheus of this file.
 """
 
 from __future__ import annotations
@@ -177,3 +179,60 @@ def test_the_dockerfile_copies_the_packages_and_the_fixtures_the_mock_upstream_s
         assert list((ROOT / source).glob("*.jsonl")), f"{source} holds no fixtures"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert not any(pattern.strip("/*") == "fixtures" for pattern in ignored)
+
+
+def mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> repository path of each file or folder of the repository a service mounts."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = str(volume).split(":")
+        if source.startswith("./"):
+            found[target] = ROOT / source
+    return found
+
+
+@pytest.mark.parametrize("name", ["prometheus", "grafana"])
+def test_the_monitoring_services_run_pinned_images_in_the_monitoring_profile_only(name: str) -> None:
+    service = SERVICES[name]
+    assert service["profiles"] == ["monitoring"]
+    assert re.fullmatch(r"[a-z0-9./-]+:v?\d+\.\d+\.\d+", service["image"]), f"{name}: pin a release"
+    assert all(str(port).startswith("127.0.0.1:") for port in service.get("ports", []))
+
+
+def test_prometheus_scrapes_every_metrics_port_of_the_stack_and_every_replica_of_a_scaled_service() -> None:
+    prometheus = SERVICES["prometheus"]
+    config = yaml.safe_load(mounts(prometheus)["/etc/prometheus/prometheus.yml"].read_text())  # the image's path
+    discovered, static = set(), set()
+    for job in config["scrape_configs"]:
+        for dns in job.get("dns_sd_configs", []):
+            assert dns["type"] == "A"
+            discovered |= {(name, dns["port"]) for name in dns["names"]}
+        for targets in job.get("static_configs", []):
+            static |= {(host, int(port)) for host, port in (target.split(":") for target in targets["targets"])}
+    served = set()
+    for name, service in PROJECT.items():
+        parser, rest = parser_for(argv(service["command"]))
+        port = getattr(parser.parse_args(rest), "metrics_port", None)
+        if port is not None:
+            served.add((name, port))
+            assert str(port) in [str(exposed) for exposed in service.get("expose", [])], f"{name} exposes no {port}"
+    assert served == discovered | static, "every metrics port scraped, and nothing else"
+    # A static target is one address: a scaled service's replicas are found by its name in Docker's DNS.
+    scaled = {(name, port) for name, port in served if name in ("worker", "jobs")}
+    assert len(scaled) == 2 and scaled <= discovered
+
+
+def test_grafana_is_provisioned_from_the_repository_with_the_compose_prometheus() -> None:
+    grafana = mounts(SERVICES["grafana"])
+    provisioning = grafana["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    url = urlsplit(source["url"])
+    container_ports = {int(str(port).rsplit(":", 1)[1]) for port in SERVICES["prometheus"]["ports"]}
+    assert url.hostname == "prometheus" and url.port in container_ports
+    assert "prometheus" in SERVICES["grafana"]["depends_on"]
+    for provider in yaml.safe_load((provisioning / "dashboards" / "streamfold.yml").read_text())["providers"]:
+        dashboards = grafana[provider["options"]["path"]]
+        assert list(dashboards.glob("*.json")), f"{dashboards} holds no dashboard"
+    home = environment(SERVICES["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    folder, _, file = home.rpartition("/")
+    assert (grafana[folder] / file).is_file()

@@ -35,6 +35,7 @@ from worker.limits import Limits
 from worker.metrics import WorkerMetrics, now_ms
 from worker.pricing import PriceBook
 from worker.request import RequestState
+from worker.stats import take_sample
 
 log = logging.getLogger("streamfold.worker")
 
@@ -74,6 +75,8 @@ class Worker:
         self._requests: dict[str, RequestState] = {}
         self.metrics = WorkerMetrics(self.concurrency)
         self.metrics.watch_in_flight(lambda: len(self._requests))
+        self.metrics.watch_backlog(lambda: {shard.stream: shard.backlog
+                                            for shard in take_sample(broker.client, settings).shards})
         self.housekeeper = Housekeeper(broker.client, settings, broker.consumer)
         self._log = EventLog(log, worker=broker.consumer)
         self._backoff = Backoff()
@@ -191,8 +194,8 @@ class Worker:
                 continue
             del self._requests[state.request_id]
             record, dead = outcome.record, outcome.dead_letter
-            self.metrics.finished(record, published=reply.published, dead_letter=dead is not None or reply.reused,
-                                  held_s=now - state.claimed_at)
+            self.metrics.finished(record, outcome.usage, published=reply.published,
+                                  dead_letter=dead is not None or reply.reused, held_s=now - state.claimed_at)
             if dead is not None:
                 self._log.warning("entry_dead_lettered", request_id=state.request_id, entry=dead.entry_id,
                                   reason=dead.reason)

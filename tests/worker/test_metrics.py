@@ -23,9 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline_rig import ROOT, Rig, recorded, wait_until
 from streamfold.logs import JsonFormatter
+from worker import stats
 from worker.cli import main
 from worker.housekeeping import read_worker_records
-from worker.metrics import WorkerRecord
+from worker.metrics import WorkerMetrics, WorkerRecord
 from worker.runner import Worker
 
 
@@ -112,6 +113,73 @@ def test_workers_in_one_process_count_in_registries_of_their_own(fake_redis: red
     second.run()
     assert first.metrics.registry.get_sample_value("streamfold_worker_claims_total") == 1
     assert second.metrics.registry.get_sample_value("streamfold_worker_claims_total") == 0
+
+
+def test_tokens_and_cost_are_counted_per_model_as_the_usage_events_carry_them(fake_redis: redis.Redis) -> None:
+    rig = Rig(fake_redis, "ns")
+    rig.publish("r1", recorded("openai_refusal"), provider="openai")
+    rig.publish("r2", recorded("openai_parallel_tool_calls"), provider="openai")
+    rig.publish("r3", recorded("deepseek_reasoner_tool_call"), provider="deepseek")
+    rig.publish("r4", recorded("groq_tool_call_whole_args"))  # no provider: no price, tokens still count
+    worker = rig.worker()
+    worker.run()
+    tokens: dict[tuple[str, str], float] = {}
+    cost: dict[tuple[str, str], float] = {}
+    for event in rig.usage():
+        tokens[event["model"], "input"] = tokens.get((event["model"], "input"), 0) + event["prompt_tokens"]
+        tokens[event["model"], "output"] = tokens.get((event["model"], "output"), 0) + event["completion_tokens"]
+        if event["cost"] is not None:
+            key = (event["model"], event["cost"]["currency"])
+            cost[key] = cost.get(key, 0.0) + event["cost"]["total"]
+    assert len(cost) == 2 and len(tokens) == 6  # two models priced, three models counted
+    registry = worker.metrics.registry
+    for (model, kind), count in tokens.items():
+        assert registry.get_sample_value("streamfold_worker_tokens_total", {"model": model, "type": kind}) == count
+    for (model, currency), total in cost.items():
+        assert registry.get_sample_value("streamfold_worker_cost_total",
+                                         {"model": model, "currency": currency}) == pytest.approx(total)
+    assert registry.get_sample_value("streamfold_worker_cost_total",
+                                     {"model": "llama-3.3-70b-versatile", "currency": "USD"}) is None
+
+
+def test_a_finish_that_published_nothing_counts_no_tokens_and_no_cost(fake_redis: redis.Redis) -> None:
+    rig = Rig(fake_redis, "ns")
+    rig.publish("r1", recorded("openai_refusal"), provider="openai")
+    rig.worker().run()
+    (record,), (usage,) = rig.results(), rig.usage()
+    metrics = WorkerMetrics(concurrency=1)
+    metrics.finished(record, usage, published=False, dead_letter=False, held_s=0.1)  # finished before
+    assert metrics.registry.get_sample_value("streamfold_worker_duplicate_finishes_total") == 1
+    assert not [sample for family in metrics.registry.collect() for sample in family.samples
+                if sample.name in ("streamfold_worker_tokens_total", "streamfold_worker_cost_total")]
+    metrics.finished(record, usage, published=True, dead_letter=False, held_s=0.1)
+    assert metrics.registry.get_sample_value("streamfold_worker_tokens_total", {
+        "model": usage["model"], "type": "output"}) == usage["completion_tokens"]
+
+
+@pytest.mark.redis
+def test_the_backlog_gauge_is_the_groups_lag_read_when_scraped(real_redis: redis.Redis, namespace: str) -> None:
+    rig = Rig(real_redis, namespace)
+    for number in range(5):
+        rig.publish(f"r{number}", recorded("openai_refusal"))
+    stream = rig.keys.requests(0)
+    registry = rig.worker().metrics.registry
+    assert registry.get_sample_value("streamfold_worker_backlog", {"stream": stream}) == 5  # no group yet
+    assert len(rig.broker().claim(2)) == 2
+    assert registry.get_sample_value("streamfold_worker_backlog", {"stream": stream}) == 3
+    (shard,) = stats.collect(real_redis, rig.settings, interval=0)["per_shard"]
+    assert shard["backlog"] == 3
+
+
+def test_a_redis_that_does_not_answer_leaves_out_the_backlog_and_nothing_else() -> None:
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    client = redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+    worker = Rig(client, "ns").worker(concurrency=7)
+    samples = [sample.name for family in worker.metrics.registry.collect() for sample in family.samples]
+    assert "streamfold_worker_backlog" not in samples
+    assert worker.metrics.registry.get_sample_value("streamfold_worker_concurrency") == 7
 
 
 def test_json_log_lines_parse_and_carry_the_request_id_and_the_worker(fake_redis: redis.Redis) -> None:
