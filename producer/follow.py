@@ -50,6 +50,7 @@ class FollowSession:
         self._after = None if after is None else parse_token(after)
         self._clock = clock
         self._deadline = None if wait is None else clock() + wait
+        self._record_head: dict[str, Any] | None = None
 
     def read(self, reply: Any) -> list[LiveEvent]:
         """The events of one XREAD answer that the follower has not seen."""
@@ -68,8 +69,9 @@ class FollowSession:
         return self._fold.closed
 
     def head(self) -> dict[str, Any]:
-        """The completion's id, created and model as the upstream named them so far."""
-        return self._fold.head()
+        """The completion's id, created and model as the upstream named them so far (from the record when
+        the events came from it)."""
+        return self._fold.head() if self._record_head is None else self._record_head
 
     def needs_record(self, reply: Any) -> bool:
         """Whether the result record is needed now: the stream's final entry was read, or there is no stream
@@ -91,6 +93,9 @@ class FollowSession:
             return [final] if self._wanted(final.token) else []
         # The chunks are gone: one piece of each text and call, then Final. A follower that resumes from a
         # token of the live stream cannot be told what it missed, so it gets the Final event only.
+        completion = record.get("completion") or {}
+        self._record_head = {"id": completion.get("id") or "", "created": completion.get("created") or 0,
+                             "model": completion.get("model") or ""}
         events = record_events(record)
         if self._after is not None and self._after[:2] != (0, 0):
             return events[-1:]

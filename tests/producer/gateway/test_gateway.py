@@ -12,6 +12,7 @@ import openai
 import orjson
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from producer.mock_upstream import DEFAULT_FIXTURE_DIRS
 from tests.conftest import ROOT, load_jsonl
@@ -154,6 +155,22 @@ def test_a_dropped_stream_resumes_after_its_last_event_id_with_nothing_lost_or_r
     text = "".join(chunk["choices"][0]["delta"].get("content") or ""
                    for chunk in (orjson.loads(data) for _, data in whole[:-1]) if chunk["choices"])
     assert text == assembled("alibaba_qwen3max_reasoning")["completion"]["choices"][0]["message"]["content"]
+
+
+def test_a_stream_whose_chunks_expired_is_relayed_from_the_record_with_its_id_and_model(stack: GatewayStack) -> None:
+    with httpx.Client(base_url=stack.open.url, timeout=30) as http:
+        answer = http.post("/v1/chat/completions", json={"model": "openai_parallel_tool_calls", "messages": MESSAGES})
+        request_id = answer.headers["x-request-id"]
+        stack.client.delete(stack.settings.keys.chunks(request_id))
+        with http.stream("GET", f"/v1/requests/{request_id}/stream") as response:
+            chunks = [orjson.loads(data) for _, data in sse_events(response) if data != "[DONE]"]
+    expected = assembled("openai_parallel_tool_calls")["completion"]
+    assert chunks and {(chunk["id"], chunk["model"], chunk["created"]) for chunk in chunks} == {
+        (expected["id"], expected["model"], expected["created"])}
+    state: ChatCompletionStreamState = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    assert view(state.get_final_completion()) == view(expected)
 
 
 def test_a_closing_client_never_stops_the_call(stack: GatewayStack) -> None:
