@@ -1,7 +1,7 @@
 """Least privilege: the Redis ACL rules of each role, derived from the namespace's key layout.
 
-    producer    a Publisher, the call runner: writes ``ns:in:*`` (and rq's ``rq:*`` to take and report jobs);
-                reads neither results nor usage
+    producer    a Publisher, the call runner: writes ``ns:in:*`` (chunks, and the runners' leases under
+                ``ns:in:{runners}:*``) and rq's ``rq:*`` to take and report jobs; reads neither results nor usage
     worker      the stream worker, with stats, health and housekeeping: reads and acknowledges ``ns:in:*``,
                 writes ``ns:out:*`` and ``ns:usage:*``, publishes on the notify channels
     backend     enqueues, cancels, waits for, reads and follows requests, and runs the HTTP gateway: reads
@@ -32,6 +32,8 @@ _ALWAYS = ("+ping", "+hello", "+auth", "+select", "+client|setname", "+client|ge
            "+discard", "+watch", "+unwatch")
 _SCRIPTS = ("+evalsha", "+eval", "+script|load", "+script|exists")
 _PRODUCE = ("+xadd", "+expire", "+get", "+set", "+mget", "+del", "+exists", "+xrevrange", "+xrange", "+xlen")
+# The call runners' leases and held calls (``ns:in:{runners}:*``: a sorted set and hashes).
+_RUNNERS = ("+zadd", "+zrange", "+zrem", "+zscore", "+hset", "+hget", "+hdel", "+hgetall", "+hlen", "+time")
 _STREAM_READ = ("+xread", "+xrange", "+xrevrange", "+xlen", "+exists", "+get", "+type")
 
 
@@ -56,7 +58,7 @@ def rules(role: str, keys: Keys) -> RoleRules:
     inside, outside, usage = f"{ns}:in:*", f"{ns}:out:*", f"{ns}:usage:*"
     notify = f"{ns}:out:notify:*"
     if role == "producer":
-        return RoleRules((*_ALWAYS, *_SCRIPTS, *_PRODUCE), (f"~{inside}",), selectors=(_RQ_SELECTOR,))
+        return RoleRules((*_ALWAYS, *_SCRIPTS, *_PRODUCE, *_RUNNERS), (f"~{inside}",), selectors=(_RQ_SELECTOR,))
     if role == "worker":
         commands: tuple[str, ...] = (*_ALWAYS, *_SCRIPTS, *_STREAM_READ, "+xreadgroup", "+xack", "+xautoclaim", "+xclaim",
                     "+xpending", "+xgroup|create", "+xgroup|delconsumer", "+xinfo|groups", "+xinfo|consumers",

@@ -30,7 +30,7 @@ def connect(settings: Settings) -> redis.Redis:
     and ``redis_password`` replace the URL's.
     """
     try:
-        return redis.Redis.from_url(settings.redis_url, **_client_options(settings))
+        return redis.Redis.from_url(settings.redis_url, **client_options(settings))
     except ValueError as exc:  # redis-py names the part at fault, not the whole URL (it may hold a password)
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
 
@@ -38,12 +38,14 @@ def connect(settings: Settings) -> redis.Redis:
 def connect_async(settings: Settings) -> redis.asyncio.Redis:
     """The asyncio counterpart of ``connect``, with the same options, for code on an event loop."""
     try:
-        return redis.asyncio.Redis.from_url(settings.redis_url, **_client_options(settings))
+        return redis.asyncio.Redis.from_url(settings.redis_url, **client_options(settings))
     except ValueError as exc:
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
 
 
-def _client_options(settings: Settings) -> dict[str, Any]:
+def client_options(settings: Settings) -> dict[str, Any]:
+    """What every client of ``settings`` is made with: timeouts, bytes back, credentials, TLS. Code that
+    builds its own pool passes these, so no connection of any process skips the credentials or TLS."""
     options: dict[str, Any] = {"socket_timeout": settings.socket_timeout,
                                "socket_connect_timeout": min(settings.socket_timeout, 5.0),
                                "health_check_interval": 30, "decode_responses": False}

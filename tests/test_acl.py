@@ -3,6 +3,8 @@ its own code and is refused outside its keys."""
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
 import sys
@@ -10,17 +12,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import openai
 import pytest
 import redis
 
 from producer import Publisher, cancel, enqueue_chat_completion, wait_for_result
 from producer.follow import follow
+from producer.mock_upstream import MockUpstream
 from producer.results import UsageReader, follow_results, get_result, stored_usage
 from streamfold.acl import ROLES, setuser
 from streamfold.errors import RedisRefused
 from streamfold.settings import Settings
 from tests.conftest import RECORDED, ROOT, TEST_REDIS_URL, load_jsonl
-from worker import health, stats
+from tests.producer.gateway.conftest import serve_app
+from worker import assemble, health, stats
 from worker.broker import Broker
 from worker.live import Final
 from worker.runner import Worker
@@ -147,3 +152,48 @@ def test_analytics_reads_usage_events_and_nothing_else(as_role: User, settings: 
 
 def test_every_role_has_rules() -> None:
     assert ROLES == ("producer", "worker", "backend", "analytics")
+
+
+def test_a_whole_stack_runs_with_each_process_as_its_own_role(as_role: User, settings: Settings,
+                                                              real_redis: redis.Redis) -> None:
+    """The gateway as ``backend``, a call runner as ``producer``, a stream worker as ``worker``, a usage
+    reader as ``analytics``: a streamed call and a waited one go through, each process with only its rules."""
+    roles = {role: as_role(role).connection_pool.connection_kwargs for role in ("producer", "worker", "backend")}
+    analytics = as_role("analytics")
+    with MockUpstream() as upstream:
+        table = {"default": {"base_url": upstream.base_url}}
+        env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
+        env.update(STREAMFOLD_REDIS_URL=TEST_REDIS_URL, STREAMFOLD_NAMESPACE=settings.namespace,
+                   STREAMFOLD_QUEUE=settings.namespace, STREAMFOLD_UPSTREAMS=json.dumps(table),
+                   STREAMFOLD_BLOCK_MS="100", STREAMFOLD_UPSTREAM_RETRIES="0")
+        processes = [subprocess.Popen([sys.executable, "-m", *command], cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True,
+                                      env={**env, "STREAMFOLD_REDIS_USERNAME": roles[role]["username"],
+                                           "STREAMFOLD_REDIS_PASSWORD": roles[role]["password"]})
+                     for role, command in (("producer", ["producer", "work"]), ("worker", ["worker", "run"]))]
+        gateway = serve_app(Settings(redis_url=TEST_REDIS_URL, namespace=settings.namespace, queue=settings.queue,
+                                     upstreams=table, redis_username=roles["backend"]["username"],
+                                     redis_password=roles["backend"]["password"]))
+        try:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            with client.chat.completions.stream(model="openai_refusal", messages=[{"role": "user", "content": "Hi"}]
+                                                ) as stream:
+                streamed = stream.get_final_completion()
+            waited = client.chat.completions.create(model="openai_parallel_tool_calls",
+                                                    messages=[{"role": "user", "content": "Hi"}])
+        finally:
+            gateway.stop()
+            for process in processes:
+                process.terminate()
+            outputs = [process.communicate(timeout=30)[0] for process in processes]
+    assert streamed.choices[0].message.refusal == assemble(CHUNKS)["completion"]["choices"][0]["message"]["refusal"]
+    assert len(waited.choices[0].message.tool_calls or []) == 2
+    for output in outputs:
+        assert "NOPERM" not in output and "NoPermission" not in output, output
+    # Nothing refused along the way, not even something a process retried or worked around.
+    refused = [entry for entry in real_redis.acl_log(count=1000)
+               if str(entry.get("username", "")).startswith(settings.namespace)]
+    assert refused == []
+    seen: list[dict[str, Any]] = []
+    UsageReader(analytics, settings.keys, group="billing", consumer="b1", from_start=True).consume(seen.append)
+    assert len(seen) == 2 and {event["status"] for event in seen} == {"completed"}

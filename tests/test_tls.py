@@ -5,10 +5,12 @@ run without them. Certificates are made here with openssl."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +18,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import Publisher, afollow, wait_for_result
+from producer import Publisher, afollow, enqueue_chat_completion, wait_for_result
+from producer.mock_upstream import MockUpstream
 from streamfold.connection import connect, redacted_url
 from streamfold.errors import ConfigError, RedisUnavailable
 from streamfold.settings import Settings, load_settings
-from tests.conftest import RECORDED, load_jsonl
+from tests.conftest import RECORDED, ROOT, load_jsonl
 from worker.broker import Broker
 from worker.live import Final
 from worker.runner import Worker
@@ -105,6 +108,31 @@ def test_the_pipeline_runs_over_tls_with_a_client_certificate_and_auth(tls_redis
 
         assert isinstance(asyncio.run(last_event()), Final)  # the asyncio client speaks TLS too
         client.close()
+
+
+def test_a_call_runner_takes_and_publishes_calls_over_tls(tls_redis: tuple[int, Path]) -> None:
+    """The runner keeps a pool of its own for the chunks it publishes: it too speaks TLS with the client
+    certificate and logs in as the configured user."""
+    port, certs = tls_redis
+    settings = _settings(port, certs, redis_url=f"rediss://127.0.0.1:{port}/0", redis_username="streamfold",
+                         redis_password=PASSWORD, namespace="tls-runner", queue="tls-runner")
+    client = connect(settings)
+    with MockUpstream() as upstream:
+        table = {"default": {"base_url": upstream.base_url}}
+        env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
+        env.update({f"STREAMFOLD_{name.upper()}": str(value) for name, value in (
+            ("redis_url", settings.redis_url), ("redis_username", "streamfold"), ("redis_password", PASSWORD),
+            ("redis_tls_ca", certs / "ca.crt"), ("redis_tls_cert", certs / "client.crt"),
+            ("redis_tls_key", certs / "client.key"), ("namespace", "tls-runner"), ("queue", "tls-runner"))},
+                   STREAMFOLD_UPSTREAMS=json.dumps(table))
+        request_id = enqueue_chat_completion({"model": "openai_refusal", "messages": []}, client=client,
+                                             settings=settings.model_copy(update={"upstreams": table}))
+        done = subprocess.run([sys.executable, "-m", "producer", "work", "--burst"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert Worker(Broker.from_settings(client, settings, "w1"), settings, burst=True).run() == 0
+    assert wait_for_result(request_id, 5, client=client, settings=settings)["status"] == "completed"
+    client.close()
 
 
 @pytest.mark.parametrize("change", [

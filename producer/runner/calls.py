@@ -24,6 +24,7 @@ from producer.jobs import job_id
 from producer.runner.call import Call, CancelWatch, Outcome
 from producer.runner.publishing import Batcher, RequestStream
 from producer.upstream import RetryPolicy, UpstreamClient
+from streamfold.connection import client_options
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import ConfigError
 from streamfold.genai import provider_of
@@ -46,23 +47,23 @@ class Summary(TypedDict):
 
 
 def connect_async(settings: Settings, *, connections: int = REDIS_CONNECTIONS) -> redis.asyncio.Redis:
-    """An asyncio client for ``settings.redis_url``, built like ``streamfold.connection.connect``'s: bytes
-    back, a socket timeout, a health check. Its pool holds at most ``connections``; a command that finds
+    """An asyncio client for ``settings.redis_url`` with the options of ``streamfold.connection.connect``'s
+    (bytes back, timeouts, a health check, the credentials and TLS). Its pool holds at most ``connections``; a command that finds
     them all busy waits for one (rather than failing, as redis-py's default pool does past 100), so a
     thousand calls starting at once queue for Redis instead of erroring. A URL redis-py cannot read is a
     ConfigError."""
+    options = client_options(settings)
+    tls = settings.redis_url.startswith("rediss://")
     try:
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=connections, timeout=settings.socket_timeout,
-            connection_class=HiredisPackingConnection,
-            socket_timeout=settings.socket_timeout, socket_connect_timeout=min(settings.socket_timeout, 5.0),
-            health_check_interval=30)
+            connection_class=HiredisPackingSSLConnection if tls else HiredisPackingConnection, **options)
     except ValueError as exc:  # redis-py names the part at fault, not the whole URL (it may hold a password)
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
     return redis.asyncio.Redis(connection_pool=pool, decode_responses=False)
 
 
-class HiredisPackingConnection(redis.asyncio.Connection):
+class HiredisPacking:
     """redis-py's asyncio connection with its blocking connection's command packer: hiredis's, in C, rather
     than the pure-Python one the asyncio connection uses. Every relayed chunk is a command to pack, and
     packing in Python cost the runner about a tenth of its time."""
@@ -72,6 +73,14 @@ class HiredisPackingConnection(redis.asyncio.Connection):
     def pack_command(self, *args: Any) -> list[bytes]:
         packed: list[bytes] = self._packer.pack(*args)
         return packed
+
+
+class HiredisPackingConnection(HiredisPacking, redis.asyncio.Connection):
+    """A plain TCP connection that packs with hiredis."""
+
+
+class HiredisPackingSSLConnection(HiredisPacking, redis.asyncio.SSLConnection):
+    """A TLS connection (``rediss://``) that packs with hiredis."""
 
 
 class Calls:
