@@ -64,16 +64,6 @@ def _path(path: Any) -> str | None:
     return None if path is None else str(path)
 
 
-def redacted_url(url: str) -> str:
-    """``url`` with its password, if it has one, replaced: what may be shown in a log or an error."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:[redacted]@{host}"
-
-
 def cannot_serve(exc: BaseException) -> bool:
     """Whether a redis-py error means Redis cannot serve for now, so that the same call may work later."""
     return isinstance(exc, UNAVAILABLE_ERRORS) or (

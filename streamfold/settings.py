@@ -184,6 +184,15 @@ class Settings(BaseSettings):
             raise ValueError("redis_tls_cert and redis_tls_key go together")
         return self
 
+    def __repr_args__(self) -> Any:
+        """What ``repr`` shows: every setting, but no password of the URL and no gateway key."""
+        for name, value in super().__repr_args__():
+            if name == "redis_url":
+                value = redacted_url(value)
+            elif name == "gateway_keys":
+                value = {client: "[redacted]" for client in value}
+            yield name, value
+
     @property
     def keys(self) -> Keys:
         return Keys(namespace=self.namespace, shards=self.shards)
@@ -255,3 +264,13 @@ def load_settings() -> Settings:
         problems = "; ".join((f"STREAMFOLD_{'_'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
                              + error["msg"] for error in exc.errors(include_input=False))
         raise ConfigError(f"bad settings: {problems}") from exc
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password, if it has one, replaced: what may be shown in a log or an error."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:[redacted]@{host}"

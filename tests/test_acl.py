@@ -188,8 +188,9 @@ def test_a_whole_stack_runs_with_each_process_as_its_own_role(as_role: User, set
             outputs = [process.communicate(timeout=30)[0] for process in processes]
     assert streamed.choices[0].message.refusal == assemble(CHUNKS)["completion"]["choices"][0]["message"]["refusal"]
     assert len(waited.choices[0].message.tool_calls or []) == 2
-    for output in outputs:
+    for output, role in zip(outputs, ("producer", "worker")):
         assert "NOPERM" not in output and "NoPermission" not in output, output
+        assert roles[role]["password"] not in output
     # Nothing refused along the way, not even something a process retried or worked around.
     refused = [entry for entry in real_redis.acl_log(count=1000)
                if str(entry.get("username", "")).startswith(settings.namespace)]

@@ -20,9 +20,9 @@ import redis
 
 from producer import Publisher, afollow, enqueue_chat_completion, wait_for_result
 from producer.mock_upstream import MockUpstream
-from streamfold.connection import connect, redacted_url
+from streamfold.connection import connect
 from streamfold.errors import ConfigError, RedisUnavailable
-from streamfold.settings import Settings, load_settings
+from streamfold.settings import Settings, load_settings, redacted_url
 from tests.conftest import RECORDED, ROOT, load_jsonl
 from worker.broker import Broker
 from worker.live import Final
@@ -166,3 +166,5 @@ def test_passwords_are_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "s3cret" not in str(failure.value) and "STREAMFOLD_REDIS_TLS_CA" in str(failure.value)
     monkeypatch.delenv("STREAMFOLD_REDIS_TLS_CA")
     assert "s3cret" not in repr(load_settings())
+    shown = repr(Settings(redis_url="redis://alice:url-s3cret@redis:6379/0", gateway_keys={"acme": "gw-s3cret"}))
+    assert "url-s3cret" not in shown and "gw-s3cret" not in shown and "'acme': '[redacted]'" in shown
