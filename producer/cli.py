@@ -2,8 +2,7 @@
 events, replay captures, run a mock upstream.
 
 Arguments are parsed here and handed to the library; settings are read once, from ``STREAMFOLD_*``. Every
-error Streamfold raises on purpose ends the command with one line on stderr: exit 2 for settings or usage
-that cannot work, 1 for anything else.
+error ends the command with one line on stderr and an exit status that tells its kind (``streamfold.cli``).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from producer.publisher import Publisher
 from producer.replay import replay
 from producer.results import (UsageReader, follow_results, get_result, stored_usage,
                               wait_for_result)
+from streamfold import cli
 from streamfold.connection import connect
 from streamfold.contract import MODES
 from streamfold.errors import ConfigError, StreamfoldError
@@ -57,24 +57,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mock-upstream"]:
-        return _guarded(lambda: _mock_upstream(argv[1:]), quiet_interrupt=True)
-    args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        return _fail(f"invalid settings: {exc}", 2)
+        return cli.run(PROG, lambda: _mock_upstream(argv[1:]), quiet_interrupt=True)
+    args = cli.parse(build_parser(), argv)
     command: Command = args.command
-    return _guarded(lambda: command(args, settings), quiet_interrupt=args.follows)
+    return cli.run(PROG, lambda: command(args, load_settings()), debug=args.debug, quiet_interrupt=args.follows)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=("Streamfold producer tools: LLM calls through rq, results, usage events, replays, "
-                                "a mock upstream."))
+                                "a mock upstream."),
+        epilog=cli.exit_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     result = _command(commands, "result", _result, _CONNECTION, "print one request's result record",
-                      "Print one request's result record as a JSON line; exit 1 when it has none.")
+                      "Print one request's result record as a JSON line. Exit status: 0 completed, 1 failed or "
+                      "incomplete (the record is printed all the same), or no result (yet).")
     result.add_argument("request_id", metavar="REQUEST_ID")
     result.add_argument("--wait", type=float, metavar="SECONDS",
                         help="wait up to SECONDS for the result to be published (woken by pub/sub, no polling)")
@@ -126,13 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     enqueue = _command(commands, "enqueue", _enqueue, _ENQUEUING, "enqueue a chat completion as an rq job",
                        "Enqueue one streamed chat completion for a job runner (`python -m producer work` or "
-                       "`rq worker`) and print its request id; with --wait, print its result record instead. "
-                       "Upstreams are named in STREAMFOLD_UPSTREAMS.")
+                       "`rq worker`) and print its request id; with --wait, print its result record instead and "
+                       "exit 0 when it completed, 1 when it failed or ended incomplete. Upstreams are named in "
+                       "STREAMFOLD_UPSTREAMS.")
     enqueue.add_argument("--model", required=True, metavar="MODEL")
     enqueue.add_argument("--message", required=True, action="append", metavar="TEXT",
                          help="a user message; repeat for several")
     enqueue.add_argument("--upstream", default="default", metavar="NAME", help="upstream to call (default: default)")
     enqueue.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to SECONDS for the result")
+
+    stop = _command(commands, "cancel", _cancel, _ENQUEUING + ("cancel_ttl",), "cancel an enqueued call",
+                    "Cancel a call enqueued through rq (enqueue, the gateway or enqueue_chat_completion): one that "
+                    "has not started ends failed at once, one that is streaming stops within a moment of its next "
+                    "chunk; either way its result says failed, error type cancelled, exactly once. Exit status: 0 "
+                    "when it is being (or already was) cancelled, 1 when there is no such call or it had already "
+                    "finished.")
+    stop.add_argument("request_id", metavar="REQUEST_ID")
 
     work = _command(commands, "work", _work, _WORKING, "run a call runner: many upstream calls per process",
                     "Run a call runner on the STREAMFOLD_QUEUE queue: it takes the jobs enqueued there and runs up "
@@ -187,8 +195,9 @@ def _command(commands: Any, name: str, run: Command, settings: Sequence[str], su
              description: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(
         name, help=summary, description=textwrap.fill(description, 100),
-        epilog=_settings_epilog(settings), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(command=run, follows=False)
+        epilog=cli.settings_help(settings), formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[cli.debug_flag()])
+    parser.set_defaults(command=run, follows=False, parser=parser)
     return parser
 
 
@@ -197,17 +206,6 @@ def _reading_options(parser: argparse.ArgumentParser, *, what: str) -> None:
                         help=f"keep waiting for new {what}s (Ctrl-C stops)")
     parser.add_argument("--from-start", action="store_true",
                         help=f"begin with the oldest {what} still stored rather than the next new one")
-
-
-def _settings_epilog(names: Sequence[str]) -> str:
-    fields = Settings.model_fields
-    lines = ["settings (environment):"]
-    for name in names:
-        field = fields[name]
-        default = field.get_default(call_default_factory=True)
-        shown = "off" if default is None else "none" if default == {} else default
-        lines.append(f"  STREAMFOLD_{name.upper():<24} {field.description} (default: {shown})")
-    return "\n".join(lines)
 
 
 # --- commands -------------------------------------------------------------------------------------------
@@ -219,9 +217,9 @@ def _result(args: argparse.Namespace, settings: Settings) -> int:
         else:
             record = wait_for_result(args.request_id, args.wait, client=client, settings=settings)
     if record is None:
-        return _fail(f"no result for {args.request_id}", 1)
+        return _fail(f"no result for {args.request_id}", cli.NO)
     _emit(record)
-    return 0
+    return _status(record)
 
 
 def _follow(args: argparse.Namespace, settings: Settings) -> int:
@@ -301,7 +299,15 @@ def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         record = wait_for_result(request_id, args.wait, client=client, settings=settings)
     _emit(record)
-    return 0
+    return _status(record)
+
+
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.jobs import cancel
+    if cancel(args.request_id, settings=settings):
+        print(f"cancelled: {args.request_id}", flush=True)
+        return cli.OK
+    return _fail(f"nothing to cancel: no call {args.request_id} is waiting or running", cli.NO)
 
 
 def _work(args: argparse.Namespace, settings: Settings) -> int:
@@ -345,31 +351,16 @@ def _mock_upstream(argv: Sequence[str]) -> int:
 
 # --- plumbing -------------------------------------------------------------------------------------------
 
-def _guarded(run: Callable[[], int], *, quiet_interrupt: bool) -> int:
-    """Run a command, turning the errors a user can act on into one line on stderr."""
-    try:
-        return run()
-    except KeyboardInterrupt:
-        return 0 if quiet_interrupt else 130
-    except BrokenPipeError:
-        # The reader of stdout went away (``| head``); send what is left to nowhere instead of failing on exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except ConfigError as exc:
-        return _fail(str(exc), 2)
-    except StreamfoldError as exc:
-        return _fail(str(exc), 1)
-    except redis.RedisError as exc:
-        return _fail(f"Redis refused: {exc}", 1)
-    except OSError as exc:
-        return _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), 1)
-
-
 def _emit(record: dict[str, Any]) -> None:
     """One JSON line on stdout, flushed at once so a pipe sees each record as it comes."""
     out = sys.stdout.buffer
     out.write(orjson.dumps(record) + b"\n")
     out.flush()
+
+
+def _status(record: dict[str, Any]) -> int:
+    """A command's exit status for a request's result: it completed, or not."""
+    return cli.OK if record.get("status") == "completed" else cli.NO
 
 
 def _fail(message: str, code: int) -> int:

@@ -64,6 +64,7 @@ def enqueue_chat_completion(params: Mapping[str, Any], *, upstream: str = DEFAUL
     request_id = new_request_id() if request_id is None else validate_request_id(request_id)
     body, meta_dict = _json_object(params, "params"), _json_object(meta or {}, "meta")
     with connected(client, settings) as (client, settings):
+        settings.require("upstreams")
         if settings.upstreams:
             settings.upstream(upstream)
         queue = Queue(settings.queue, connection=client)

@@ -20,7 +20,7 @@ from typing import Any
 from producer.runner.calls import connect_async
 from producer.runner.loop import Runner
 from producer.upstream import RedactingFilter, configured_secrets
-from streamfold.connection import connect
+from streamfold.connection import connect, preflight
 from streamfold.errors import ConfigError
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings
@@ -38,6 +38,7 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     """Run one call runner until it drains (or, with ``burst``, until nothing is left); returns its exit code."""
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+    settings.require("upstreams")
     configure_logging(log_format or settings.log_format, level=logging.getLevelName(log_level))
     redacting = RedactingFilter(configured_secrets(settings))
     for handler in logging.getLogger().handlers:
@@ -47,6 +48,7 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     name = name or runner_name()
     port = metrics_port if metrics_port is not None else settings.metrics_port
     with connect(settings) as client:
+        preflight(client)
         runner = Runner(settings, client, connect_async(settings), name=name, concurrency=concurrency, burst=burst)
         if port is not None:
             try:

@@ -65,9 +65,28 @@ def _path(path: Any) -> str | None:
 
 
 def cannot_serve(exc: BaseException) -> bool:
-    """Whether a redis-py error means Redis cannot serve for now, so that the same call may work later."""
+    """Whether a redis-py error means Redis cannot serve for now, so that the same call may work later. A
+    wrong password or user is not one of these, though redis-py raises it as a connection error."""
+    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return False
     return isinstance(exc, UNAVAILABLE_ERRORS) or (
         isinstance(exc, redis.ResponseError) and str(exc).startswith(TRANSIENT_ERRORS))
+
+
+def preflight(client: redis.Redis) -> None:
+    """Check, before serving, that Redis takes these credentials: RedisRefused when it never will serve them
+    (a wrong password, user or database index, a server that is not Redis). A Redis that cannot serve for
+    now (down, loading) passes: a serving process waits for it with its own back-off."""
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        if not cannot_serve(exc):
+            raise RedisRefused(f"Redis at {_address(client)} refused the first command: {exc}") from exc
+
+
+def _address(client: redis.Redis) -> str:
+    options = client.connection_pool.connection_kwargs
+    return f"{options.get('host', '?')}:{options.get('port', '?')}/{options.get('db', 0)}"
 
 
 @contextmanager

@@ -6,11 +6,12 @@ code and hand it (or the pieces it needs) to the library.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, get_args
 
 import orjson
-from pydantic import (BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, ValidationInfo,
+                      ValidatorFunctionWrapHandler, field_validator, model_validator)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from streamfold.contract import Mode
@@ -138,31 +139,16 @@ class Settings(BaseSettings):
                                            "none: loopback only, without authentication"))
     gateway_link_ttl: int = Field(3_600, ge=1, description="seconds a watch link to a request's live page is valid")
 
-    @field_validator("upstreams", mode="before")
+    @field_validator("upstreams", "prices", "gateway_keys", mode="wrap")
     @classmethod
-    def _read_upstreams(cls, value: Any) -> dict[str, Upstream]:
-        return read_upstreams(value)
-
-    @field_validator("prices", mode="before")
-    @classmethod
-    def _read_prices(cls, value: Any) -> dict[str, PriceOverride]:
-        if isinstance(value, (str, bytes)):
-            try:
-                value = orjson.loads(value) if value.strip() else {}
-            except orjson.JSONDecodeError as exc:
-                raise ConfigError(f"STREAMFOLD_PRICES is not valid JSON ({exc})") from None
-        if not isinstance(value, dict) or not all(isinstance(entry, (dict, PriceOverride)) for entry in value.values()):
-            raise ConfigError("STREAMFOLD_PRICES must be a JSON object mapping models to prices")
+    def _read_or_set_aside(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        # These settings serve one component each (the upstream table the call runners and the gateway, the
+        # prices the stream workers, the keys the gateway): one that cannot be read stops only a component
+        # that uses it, when it starts (``require``) - never a process that has no use for it.
         try:
-            return {**{name: entry for name, entry in value.items() if isinstance(entry, PriceOverride)},
-                    **read_price_overrides({name: entry for name, entry in value.items() if isinstance(entry, dict)})}
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-    @field_validator("gateway_keys", mode="before")
-    @classmethod
-    def _read_gateway_keys(cls, value: Any) -> dict[str, str]:
-        return read_gateway_keys(value)
+            return handler(_READERS[str(info.field_name)](value))
+        except ConfigError as exc:
+            return Unreadable(str(exc))
 
     @model_validator(mode="after")
     def _timeouts_fit_together(self) -> Settings:
@@ -193,12 +179,21 @@ class Settings(BaseSettings):
                 value = {client: "[redacted]" for client in value}
             yield name, value
 
+    def require(self, *names: str) -> None:
+        """ConfigError when one of the settings ``names`` (upstreams, prices, gateway_keys) could not be read:
+        what a component calls at start for the settings it uses."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, Unreadable):
+                raise ConfigError(value.reason)
+
     @property
     def keys(self) -> Keys:
         return Keys(namespace=self.namespace, shards=self.shards)
 
     def upstream(self, name: str = DEFAULT_UPSTREAM) -> Upstream:
         """The upstream called ``name``; ConfigError naming the known ones when there is none."""
+        self.require("upstreams")
         upstream = self.upstreams.get(name)
         if upstream is None:
             known = ", ".join(sorted(self.upstreams)) or "none; set STREAMFOLD_UPSTREAMS"
@@ -223,6 +218,30 @@ def read_upstreams(value: Any) -> dict[str, Upstream]:
         raise ConfigError(f"STREAMFOLD_UPSTREAMS must name a {DEFAULT_UPSTREAM!r} upstream "
                           f"(it has: {', '.join(sorted(map(str, value)))})")
     return {str(name): _upstream(str(name), entry) for name, entry in value.items()}
+
+
+def read_prices(value: Any) -> dict[str, PriceOverride]:
+    """Price overrides from ``STREAMFOLD_PRICES`` JSON (model -> prices), or an already parsed mapping."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = orjson.loads(value) if value.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"STREAMFOLD_PRICES is not valid JSON ({exc})") from None
+    if not isinstance(value, dict) or not all(isinstance(entry, (dict, PriceOverride)) for entry in value.values()):
+        raise ConfigError("STREAMFOLD_PRICES must be a JSON object mapping models to prices")
+    try:
+        return {**{name: entry for name, entry in value.items() if isinstance(entry, PriceOverride)},
+                **read_price_overrides({name: entry for name, entry in value.items() if isinstance(entry, dict)})}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+class Unreadable(dict[str, Any]):
+    """An empty table standing for a setting that could not be read, and why (``Settings.require``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
 
 
 def read_gateway_keys(value: Any) -> dict[str, str]:
@@ -274,3 +293,7 @@ def redacted_url(url: str) -> str:
         return url
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}:[redacted]@{host}"
+
+
+_READERS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "upstreams": read_upstreams, "prices": read_prices, "gateway_keys": read_gateway_keys}

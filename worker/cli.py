@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import textwrap
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import orjson
 
+from streamfold import cli
 from streamfold.acl import ROLES, setuser
 from streamfold.capture import read_capture
 from streamfold.connection import connect
@@ -34,7 +36,8 @@ C is the concurrency of a worker, W the mean time a request holds a slot (claim 
 the live workers' stats records, and D is --drain. slots is how many requests must be held at once:
 enough to keep up with arrivals (Little's law) and never fewer than are held now, plus what starts the
 backlog within D. Before any request has finished W is unknown and the live worker count stands (at
-least 1 while work waits). Exits 1 when Redis cannot be reached, 2 on bad settings.
+least 1 while work waits). Exit status: 0, or 2 for bad settings, 4 when Redis cannot be reached, 5 when
+it refuses (see python -m worker --help).
 """
 
 ACL_HELP = """\
@@ -52,17 +55,23 @@ Then connect each process as its user: redis://USER:PASSWORD@host:6379/0, or STR
 STREAMFOLD_REDIS_PASSWORD. Needs Redis 7 (read-only key patterns and selectors).
 """
 
+PROG = "python -m worker"
+_CONNECTION = ("redis_url", "namespace", "shards", "socket_timeout")
+
 MODES_HELP = ("auto: incremental unless the stream is unmistakably cumulative; incremental: each chunk "
               "carries new text; cumulative: each chunk repeats the whole text so far (qwen-mt "
               "non-incremental output)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=(
-        "Streamfold worker: assemble streamed chat completions into finished results."))
+    parser = argparse.ArgumentParser(prog=PROG, description=(
+        "Streamfold worker: assemble streamed chat completions into finished results."),
+        epilog=cli.exit_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = _adder(commands)
 
-    assemble = commands.add_parser(
+    assemble = add(
         "assemble", help="assemble captured streams and print one result record per file",
         description=("Read captured streams - JSON Lines (one chunk per line) or SSE text such as `curl -N` "
                      "prints - and print one result record per file, one JSON object per line. The stream "
@@ -79,13 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "auto: told by the first chunk (default)")
     assemble.set_defaults(handler=run_assemble)
 
-    run = commands.add_parser(
-        "run", help="serve requests from Redis until stopped", epilog=runner.settings_help(),
+    run = add(
+        "run", help="serve requests from Redis until stopped", epilog=cli.settings_help(runner.WORKER_SETTINGS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=("Claim requests from the control streams, assemble each from its chunk stream, and publish "
+        description=textwrap.fill("Claim requests from the control streams, assemble each from its chunk stream, and publish "
                      "exactly one result record and usage event per request. SIGTERM or SIGINT drains: no new "
                      "claims, in-flight requests finish for up to STREAMFOLD_SHUTDOWN_GRACE seconds, the rest "
-                     "are handed back to other workers; a second signal hands back at once. Exits 0."))
+                     "are handed back to other workers; a second signal hands back at once. Exits 0; 5 at "
+                     "start when Redis refuses the credentials or database (see python -m worker --help).", 100))
     run.add_argument("--concurrency", type=int, metavar="N",
                      help="requests assembled at once (default: STREAMFOLD_CONCURRENCY)")
     run.add_argument("--burst", action="store_true",
@@ -100,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: STREAMFOLD_LOG_FORMAT, text)")
     run.set_defaults(handler=run_worker)
 
-    show = commands.add_parser(
+    show = add(
         "stats", help="show backlog, in-flight requests, workers and a recommended worker count",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=STATS_HELP)
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=STATS_HELP,
+        epilog=cli.settings_help((*_CONNECTION, "group", "claim_timeout", "concurrency")))
     show.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     show.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                       help="seconds between the two samples the rates come from; 0 takes one, without rates "
@@ -112,18 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: 60)")
     show.set_defaults(handler=run_stats)
 
-    probe = commands.add_parser(
+    probe = add(
         "health", help="exit 0 if the pool is being served, 1 if not, 2 on a configuration error",
-        description=("For container probes; read-only, usually well under a second. Healthy when Redis answers, the "
+        description=textwrap.fill("For container probes; read-only, usually well under a second. Healthy when Redis answers, the "
                      "worker group exists on every shard, and the pool is served: a worker published its stats "
                      "within the claim timeout or a consumer touched Redis within it - or, with none live, no "
                      "request has waited unclaimed longer than that and none is held by a consumer that stopped. "
-                     "Prints one line, the reason: on stdout when healthy, on stderr when not."))
+                     "Prints one line, the reason: on stdout when healthy, on stderr when not.", 100),
+        epilog=cli.settings_help(("redis_url", "namespace", "shards", "group", "claim_timeout")),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     probe.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
                        help="Redis connect and socket timeout (default: 2)")
     probe.set_defaults(handler=run_health)
 
-    acl = commands.add_parser(
+    acl = add(
         "acl", help="print the ACL SETUSER line of a role (producer, worker, backend, analytics)",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=ACL_HELP)
     acl.add_argument("--role", required=True, choices=ROLES, help="what the user does (see above)")
@@ -136,40 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        code: int = args.handler(args)
-    except KeyboardInterrupt:
-        return 130
-    return code
+    args = cli.parse(build_parser(), argv)
+    return cli.run(PROG, lambda: int(args.handler(args)), debug=args.debug)
+
+
+def _adder(commands: Any) -> Callable[..., argparse.ArgumentParser]:
+    """``commands.add_parser`` for a command that takes --debug and answers a bad flag with its own usage."""
+    def add(name: str, **options: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(name, parents=[cli.debug_flag()], **options)
+        parser.set_defaults(parser=parser)
+        return parser
+    return add
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    try:
-        return runner.serve(concurrency=args.concurrency, burst=args.burst, name=args.name,
-                            metrics_port=args.metrics_port, log_format=args.log_format)
-    except StreamfoldError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
-        return 2
+    return runner.serve(concurrency=args.concurrency, burst=args.burst, name=args.name,
+                        metrics_port=args.metrics_port, log_format=args.log_format)
 
 
 def run_stats(args: argparse.Namespace) -> int:
     if args.interval < 0 or args.drain <= 0:
-        print("worker stats: --interval must be >= 0 and --drain > 0", file=sys.stderr)
-        return 2
-    try:
-        settings = load_settings()
-        client = connect(settings)
-        try:
-            report = stats.collect(client, settings, interval=args.interval, drain_s=args.drain)
-        finally:
-            client.close()
-    except RedisUnavailable as exc:
-        print(f"worker stats: {exc}", file=sys.stderr)
-        return 1
-    except StreamfoldError as exc:
-        print(f"worker stats: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError("--interval must be >= 0 and --drain > 0")
+    settings = load_settings()
+    with connect(settings) as client:
+        report = stats.collect(client, settings, interval=args.interval, drain_s=args.drain)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report) + b"\n")
         sys.stdout.flush()
@@ -202,8 +205,8 @@ def run_acl(args: argparse.Namespace) -> int:
             if not password:
                 raise ConfigError(f"environment variable {args.password_env} is not set")
     except StreamfoldError as exc:
-        print(f"worker acl: {exc}", file=sys.stderr)
-        return 2
+        print(f"{PROG} acl: {exc}", file=sys.stderr)
+        return cli.USAGE
     line = setuser(args.role, settings.keys, user=args.user, password=password)
     print(shlex.join(["ACL", "SETUSER", *line]))
     if password is None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 
-from streamfold.connection import connect
+from streamfold.connection import connect, preflight
 from streamfold.errors import ConfigError, RedisRefused, RedisUnavailable
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings, load_settings
@@ -70,6 +70,7 @@ class Worker:
         self.concurrency = concurrency or settings.concurrency
         self._settings = settings
         self._limits = Limits.from_settings(settings)
+        settings.require("prices")
         self._prices = PriceBook(settings.prices)
         self._clock = clock
         self._requests: dict[str, RequestState] = {}
@@ -385,16 +386,6 @@ def _signals_handled(stop: Callable[[], None]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def settings_help() -> str:
-    """The environment variables a worker reads, for ``--help``."""
-    lines = ["settings, from the environment:"]
-    for name in WORKER_SETTINGS:
-        field = Settings.model_fields[name]
-        default = "off" if field.default is None else field.default
-        lines.append(f"  STREAMFOLD_{name.upper():<19} {field.description} (default: {default})")
-    return "\n".join(lines)
-
-
 def consumer_name() -> str:
     """A consumer name unique to this process: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -413,6 +404,7 @@ def serve(*, concurrency: int | None = None, burst: bool = False, name: str | No
     port = metrics_port if metrics_port is not None else settings.metrics_port
     client = connect(settings)
     try:
+        preflight(client)
         worker = Worker(Broker.from_settings(client, settings, name or consumer_name()), settings,
                         concurrency=concurrency, burst=burst)
         if port is not None:

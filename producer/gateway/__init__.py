@@ -11,6 +11,7 @@ import logging
 from producer.gateway.access import LOOPBACK_HOSTS
 from producer.gateway.app import create_app
 from producer.gateway.metrics import GatewayMetrics
+from streamfold.connection import connect, preflight
 from streamfold.errors import ConfigError
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import load_settings
@@ -28,6 +29,9 @@ def serve(*, host: str | None = None, port: int | None = None, metrics_port: int
     import uvicorn
 
     settings = load_settings()
+    settings.require("upstreams", "gateway_keys")
+    with connect(settings) as client:
+        preflight(client)
     configure_logging(log_format or settings.log_format)
     log = EventLog(logging.getLogger("streamfold.gateway"))
     host = host or settings.gateway_host

@@ -63,6 +63,7 @@ class Gateway:
     """The app's state: settings, Redis clients, the stream hub, who may do what, and the metrics."""
 
     def __init__(self, settings: Settings, *, metrics: GatewayMetrics | None = None) -> None:
+        settings.require("upstreams", "gateway_keys")
         self.settings = settings
         self.keys = settings.keys
         self.gate = Gatekeeper(settings.gateway_keys, link_ttl=settings.gateway_link_ttl)

@@ -104,10 +104,10 @@ def test_stats_measures_arrival_and_finish_rates_between_its_two_samples(real_re
 
 
 @pytest.mark.redis
-def test_stats_exits_1_when_redis_cannot_be_reached(monkeypatch: pytest.MonkeyPatch,
+def test_stats_exits_4_when_redis_cannot_be_reached(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("STREAMFOLD_REDIS_URL", "redis://127.0.0.1:1/0")
-    assert main(["stats", "--interval", "0"]) == 1
+    assert main(["stats", "--interval", "0"]) == 4
     assert "Redis unavailable" in capsys.readouterr().err
 
 

@@ -120,7 +120,7 @@ def test_bad_prices_are_a_config_error_naming_the_entry(prices: str, monkeypatch
     from streamfold.settings import load_settings
     monkeypatch.setenv("STREAMFOLD_PRICES", prices)
     with pytest.raises(ConfigError, match="STREAMFOLD_PRICES"):
-        load_settings()
+        load_settings().require("prices")
 
 
 @pytest.mark.parametrize(("base_url", "named", "provider"), [
