@@ -16,7 +16,6 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, TypedDict
 
-import httpx
 import redis.asyncio
 from redis.connection import HiredisRespSerializer
 
@@ -78,12 +77,12 @@ class Calls:
     """Runs calls for jobs; enter it (``async with``) to start its background tasks.
 
     ``hooks`` report to a runner's metrics; ``gate`` is the runner's lease check before each write;
-    ``environ`` and ``transport`` stand in for the environment and the network in tests.
+    ``environ`` stands in for the environment in tests.
     """
 
     def __init__(self, settings: Settings, client: redis.asyncio.Redis, *, connections: int = 64,
                  gate: Callable[[], Awaitable[bool]] | None = None, hooks: CallHooks | None = None,
-                 environ: Mapping[str, str] | None = None, transport: httpx.AsyncBaseTransport | None = None,
+                 environ: Mapping[str, str] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.settings, self.client, self.keys = settings, client, settings.keys
         self.hooks = hooks or CallHooks()
@@ -92,7 +91,7 @@ class Calls:
                                on_redis_error=self.hooks.redis_error)
         self.cancels = CancelWatch(client, self.keys)
         self._policy = RetryPolicy.from_settings(settings)
-        self._connections, self._environ, self._transport, self._sleep = connections, environ, transport, sleep
+        self._connections, self._environ, self._sleep = connections, environ, sleep
         self._upstreams: dict[str, UpstreamClient] = {}
         self._exits = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -158,7 +157,7 @@ class Calls:
         client = self._upstreams.get(name)
         if client is None:
             client = UpstreamClient.from_settings(self.settings, self.settings.upstream(name), environ=self._environ,
-                                                  transport=self._transport, connections=self._connections)
+                                                  connections=self._connections)
             self._exits.push_async_callback(client.aclose)
             self._upstreams[name] = client
         return client
