@@ -18,28 +18,32 @@ from streamfold.keys import Keys
 
 
 class Flaky:
-    """A fakeredis client whose pipelines fail with a lost connection while ``down`` is set."""
+    """A fakeredis client whose connections are lost while ``down`` is set; ``sends`` counts the batches sent."""
 
     def __init__(self, server: fakeredis.FakeServer) -> None:
         self.real = fakeredis.FakeAsyncRedis(server=server)
         self.down = False
         self.sends = 0
+        self.connection_pool = self
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
-    def pipeline(self, transaction: bool = True) -> Any:
-        pipe = self.real.pipeline(transaction=transaction)
-        execute = pipe.execute
+    async def get_connection(self) -> Any:
+        connection = await self.real.connection_pool.get_connection()
+        send = connection.send_packed_command
 
-        async def failing(raise_on_error: bool = True) -> Any:
+        async def failing(command: Any, check_health: bool = True) -> None:
             self.sends += 1
             if self.down:
                 raise redis.ConnectionError("Connection refused")
-            return await execute(raise_on_error=raise_on_error)
+            await send(command, check_health)
 
-        pipe.execute = failing  # type: ignore[method-assign]
-        return pipe
+        connection.send_packed_command = failing
+        return connection
+
+    async def release(self, connection: Any) -> None:
+        await self.real.connection_pool.release(connection)
 
 
 @pytest.fixture
@@ -65,6 +69,11 @@ def streams(batcher: Batcher, keys: Keys, count: int) -> list[RequestStream]:
 def chunks(server: fakeredis.FakeServer, keys: Keys, request_id: str) -> list[bytes]:
     client = fakeredis.FakeRedis(server=server)
     return [decode_envelope(fields).payload for _, fields in client.xrange(keys.chunks(request_id))]
+
+
+def kinds(server: fakeredis.FakeServer, keys: Keys, request_id: str) -> list[str]:
+    client = fakeredis.FakeRedis(server=server)
+    return [decode_envelope(fields).kind for _, fields in client.xrange(keys.chunks(request_id))]
 
 
 def test_the_chunks_of_a_thousand_calls_go_to_redis_together_in_one_round_trip(keys: Keys) -> None:
@@ -157,3 +166,18 @@ def test_a_command_redis_refuses_for_good_is_not_retried() -> None:
 
     with pytest.raises(redis.ResponseError):
         asyncio.run(patiently(command, "claiming a request"))
+
+
+def test_a_start_reaches_a_redis_that_lacks_the_script_which_is_loaded_then_sent_again(keys: Keys) -> None:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+
+    async def scenario() -> None:
+        async with batching(client, flush_s=0.001) as batcher:
+            first, second = streams(batcher, keys, 2)
+            await first.start({}, "auto", "chat")
+            await client.script_flush()  # a restarted Redis, or one failed over to
+            await asyncio.gather(second.start({}, "auto", "chat"), first.push(b"after"))
+
+    asyncio.run(scenario())
+    assert [kinds(server, keys, rid) for rid in ("r0", "r1")] == [["start", "chunk"], ["start"]]
