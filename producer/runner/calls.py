@@ -137,7 +137,7 @@ class Calls:
                                max_age=self.settings.stream_max_age, provider=provider,
                                request_model=model if isinstance(model, str) else None)
         call = Call(request_id, stream, http, params, meta=meta, mode=mode, api=api, policy=self._policy,
-                    client=self.client, keys=self.keys, adopted=adopted, sleep=self._sleep,
+                    adopted=adopted, sleep=self._sleep,
                     claim_ttl=self.settings.job_timeout + self.settings.cancel_ttl,
                     on_chunk=self.hooks.chunk, on_upstream_error=self.hooks.upstream_error)
         return call, problem

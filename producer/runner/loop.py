@@ -71,6 +71,7 @@ class Runner:
         self.calls = Calls(settings, aclient, connections=self.concurrency, gate=self.lease.check, hooks=self.metrics)
         self.metrics.watch_in_flight(lambda: len(self._held))
         self._held: dict[str, Held] = {}
+        self._held_key = settings.keys.runner_calls(name)
         self._room = asyncio.Event()
         self._drain_until: float | None = None
         self._idle = False
@@ -202,7 +203,7 @@ class Runner:
         call, problem = self.calls.call(request_id, str(kwargs.get("upstream")), kwargs.get("params") or {},
                                         kwargs.get("meta") or {}, adopted=adopted)
         try:
-            await self.lease.hold(request_id, reruns)
+            await self._hold(request_id, reruns)
             if reruns > self.settings.runner_reruns:
                 outcome = await call.give_up(runner_lost(self.settings.runner_reruns))
                 await self._mark(self.bridge.fail, taken, "runner_lost: the runner carrying this call stopped, and "
@@ -238,11 +239,14 @@ class Runner:
         self._log.error("call_failed", request_id=call.request_id, error=text.splitlines()[-1])
         await self._mark(self.bridge.fail, taken, text)
 
+    async def _hold(self, request_id: str, reruns: int) -> None:
+        """Record a call in the lease's hash (``Lease.hold``) before it publishes anything: through the shared
+        batch, so that the record rides the same round trip as the call's claim and start, ahead of them."""
+        await self.calls.batcher.send((("HSET", self._held_key, request_id, reruns),))
+
     async def _forget(self, request_id: str) -> None:
-        try:
-            await self.lease.release([request_id])
-        except redis.RedisError as exc:
-            self._log.warning("call_not_forgotten", request_id=request_id, error=str(exc))
+        """Forget a call whose rq job is marked (``Lease.release``), in the next batch: nothing waits for it."""
+        await self.calls.batcher.send((("HDEL", self._held_key, request_id),))
 
     # --- takeover, lease, leaving ----------------------------------------------------------------------
 

@@ -33,10 +33,11 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import redis
 import redis.asyncio
+from hiredis import pack_command
 from redis.exceptions import NoScriptError
 
 from producer.publisher import START_SCRIPT, check_started, now_ms, start_arguments
@@ -48,6 +49,23 @@ from streamfold.keys import Keys
 from streamfold.logs import EventLog
 
 log = logging.getLogger("streamfold.runner")
+
+# A call's first step as one script: claim the request (its cancel key, the last KEYS, set to "running" for
+# ARGV[1] seconds unless it exists) and, only when this run is the first to, open it as start.lua does with the
+# ARGV after the first. start.lua's own text, not a copy, so the two cannot drift. Returns {1, start.lua's
+# answer} after opening, or {0, the cancel key's value}. Every key carries the request's shard tag.
+CLAIM_AND_START_SCRIPT = f"""
+local function start()
+{START_SCRIPT}
+end
+if redis.call('SET', KEYS[#KEYS], 'running', 'NX', 'EX', ARGV[1]) then
+  table.remove(ARGV, 1)
+  return {{1, start()}}
+end
+return {{0, redis.call('GET', KEYS[#KEYS])}}
+"""
+RUNNING = b"running"
+Claim = Literal["first", "rerun", "cancelled"]
 
 Command = tuple[Any, ...]  # one Redis command: its name, then its arguments
 
@@ -111,6 +129,7 @@ class Batcher:
         self._replies = 0  # entries buffered whose sender waits for the reply
         self._scripts: dict[str, str] = {}  # sha -> text, for loading what Redis lacks
         self._start = self.script(START_SCRIPT)
+        self._claim_and_start = self.script(CLAIM_AND_START_SCRIPT)
         self._connection: redis.asyncio.Connection | None = None
         self._log = EventLog(log)
         self.flushes = 0
@@ -144,6 +163,11 @@ class Batcher:
     async def start(self, keys: list[str], args: list[Any]) -> Any:
         """Run producer/lua/start.lua in the next batch and return its answer."""
         return await self.send((("EVALSHA", self._start, len(keys), *keys, *args),), reply=True)
+
+    async def claim_and_start(self, cancel_key: str, ttl: int, keys: list[str], args: list[Any]) -> Any:
+        """Run ``CLAIM_AND_START_SCRIPT`` in the next batch and return its answer."""
+        return await self.send((("EVALSHA", self._claim_and_start, len(keys) + 1, *keys, cancel_key, ttl, *args),),
+                               reply=True)
 
     async def drain(self) -> None:
         """Wait until everything handed over so far was sent."""
@@ -222,7 +246,7 @@ class Batcher:
             self._connection = await pool.get_connection()
         connection = self._connection
         try:
-            await connection.send_packed_command(connection.pack_commands(commands))
+            await connection.send_packed_command(b"".join(map(pack_command, commands)))
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -287,10 +311,24 @@ class RequestStream:
     async def start(self, meta: Mapping[str, Any], mode: Mode, api: str) -> None:
         """Open the request (start envelope and control entry, one script); ContractError when another
         producer owns the request id. ``api`` is the upstream's wire API: the stream's format."""
-        keys, args = start_arguments(self._keys, self.request_id, meta, mode, token=self._token,
-                                     max_age=self._max_age, format=cast(Format, api), provider=self._provider,
-                                     request_model=self._request_model)
+        keys, args = self._start_arguments(meta, mode, api)
         check_started(self.request_id, await self._batcher.start(keys, args))
+
+    async def claim_and_start(self, meta: Mapping[str, Any], mode: Mode, api: str, *, ttl: int) -> Claim:
+        """Claim the request for ``ttl`` seconds (its cancel key set to ``running`` unless it exists) and, when
+        this is its first run, open it as ``start`` does: one script, in the next batch. ``first``: claimed
+        and opened; ``rerun``: an earlier run claimed it; ``cancelled``: its cancel got there first. Neither
+        of the last two opened anything."""
+        keys, args = self._start_arguments(meta, mode, api)
+        claimed, answer = await self._batcher.claim_and_start(self._keys.cancel(self.request_id), ttl, keys, args)
+        if claimed:
+            check_started(self.request_id, answer)
+            return "first"
+        return "rerun" if answer == RUNNING else "cancelled"
+
+    def _start_arguments(self, meta: Mapping[str, Any], mode: Mode, api: str) -> tuple[list[str], list[Any]]:
+        return start_arguments(self._keys, self.request_id, meta, mode, token=self._token, max_age=self._max_age,
+                               format=cast(Format, api), provider=self._provider, request_model=self._request_model)
 
     async def last_entry(self) -> Envelope | None:
         """The newest envelope in the request's stream, None when it has none: where a re-run picks up."""
