@@ -12,6 +12,7 @@ in results, log lines) passes through ``redact`` first, in case an upstream echo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from streamfold.settings import Settings, Upstream
 
 REDACTED = "[redacted]"
 JSON = {"Content-Type": "application/json"}
+BODY_END_WAIT_S = 0.05  # longest the end of a call waits for its body's end after the end marker
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -198,6 +200,7 @@ class UpstreamClient:
                 async for piece in response.content.iter_any():
                     for item in decoder.feed(piece):
                         if item.kind == "done":
+                            await self._finish(response)
                             return
                         if item.data or item.kind == "error":
                             yield item
@@ -213,6 +216,18 @@ class UpstreamClient:
 
     def redact(self, text: str) -> str:
         return redact(text, self._secrets)
+
+    @staticmethod
+    async def _finish(response: aiohttp.ClientResponse) -> None:
+        """After the stream's end marker, wait a moment for the body's own end, which usually follows at once:
+        a connection whose body was read to its end goes back to the pool for the next call, where one left
+        unread is closed, and a new one costs a connect (and, to a TLS upstream, a handshake)."""
+        try:
+            async with asyncio.timeout(BODY_END_WAIT_S):
+                while await response.content.readany():
+                    pass
+        except (TimeoutError, aiohttp.ClientError):
+            pass  # an upstream slow to end its body, or one that broke it: the connection is closed instead
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 
 import orjson
 import pytest
+from aiohttp import web
 
 from producer.apis import APIS, error_message
 from producer.upstream import (RedactingFilter, RetryPolicy, UpstreamClient, api_key_of, failure, parse_retry_after,
@@ -221,6 +223,31 @@ def test_closing_the_iterator_closes_the_connection() -> None:
             return upstream.closed_by_client
 
     assert asyncio.run(read_one()) == 1
+
+
+def test_a_stream_read_to_its_end_leaves_its_connection_to_the_next_call() -> None:
+    async def two_calls() -> set[object]:
+        peers: list[object] = []
+
+        def answer_recording_peer(handler: Handler) -> Handler:
+            async def handle(request: web.BaseRequest) -> web.StreamResponse:
+                assert request.transport is not None
+                peers.append(request.transport.get_extra_info("peername"))
+                return await handler(request)
+            return handle
+
+        async def parts() -> AsyncIterator[bytes]:
+            yield data(CHUNKS[0]) + data(b"[DONE]")
+            await asyncio.sleep(0.01)  # the body's end follows a moment later
+
+        stream = events(parts)
+        async with ScriptedUpstream(answer_recording_peer(stream), answer_recording_peer(stream)) as upstream:
+            async with UpstreamClient(upstream.url(), api_key=KEY) as client:
+                for _ in range(2):
+                    assert [item async for item in client.stream(BODY)] == [CapturedItem("chunk", CHUNKS[0])]
+        return set(peers)
+
+    assert len(asyncio.run(two_calls())) == 1
 
 
 @pytest.mark.parametrize(("body", "message"), [
