@@ -189,7 +189,8 @@ class Bench:
         return Settings(redis_url=self.url, namespace=namespace, queue=namespace,
                         upstreams=json.loads(self.env["STREAMFOLD_UPSTREAMS"]))
 
-    def runner(self, level: int, *, baseline: bool = False, upstream: str = "default") -> Run:
+    def runner(self, level: int, *, baseline: bool = False, upstream: str = "default",
+               flush_ms: float | None = None) -> Run:
         """One call runner with ``level`` calls in flight on average, fed at the rate that keeps them so."""
         namespace = f"bench-{uuid.uuid4().hex[:6]}"
         settings = self.settings(namespace)
@@ -199,11 +200,14 @@ class Bench:
         # Arrivals for one call length, to fill up to L in flight, then for the steady window.
         count = round(rate * (self.duration + self.args.window))
         label = f"runner at {self.args.baseline}" if baseline else "runner"
+        if flush_ms is not None:
+            label += f", flush {flush_ms:g} ms"
         if upstream == "short":
             label += ", short calls"
+        env = {} if flush_ms is None else {"STREAMFOLD_RUNNER_FLUSH_MS": str(flush_ms)}
         return self._measure(label, str(level), namespace, settings, command, count, rate,
                              held=settings.keys.runner_calls(f"{namespace}-runner"),
-                             code=self.baseline if baseline else None, upstream=upstream)
+                             code=self.baseline if baseline else None, upstream=upstream, env=env)
 
     def rq_worker(self, worker_class: str | None) -> Run:
         """rq's own worker, one process, its queue never empty for the window."""
@@ -218,8 +222,8 @@ class Bench:
 
     def _measure(self, label: str, in_flight: str, namespace: str, settings: Settings, command: list[str],
                  count: int, rate: float | None, held: str | None = None, code: Path | None = None,
-                 upstream: str = "default") -> Run:
-        env = {**self.env, "STREAMFOLD_NAMESPACE": namespace, "STREAMFOLD_QUEUE": namespace}
+                 upstream: str = "default", env: dict[str, str] | None = None) -> Run:
+        env = {**self.env, **(env or {}), "STREAMFOLD_NAMESPACE": namespace, "STREAMFOLD_QUEUE": namespace}
         if code is not None:
             env["PYTHONPATH"] = str(code)
         process = subprocess.Popen(command, cwd=code or ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -313,6 +317,8 @@ def main() -> int:
     parser.add_argument("--short-model", default="openai_refusal", help="the shorter calls' recorded stream")
     parser.add_argument("--baseline", metavar="REV", help="also run the runner of this git revision, level by level")
     parser.add_argument("--no-split", action="store_true", help="skip the short-call runs (no per-call split)")
+    parser.add_argument("--flush-ms", type=float, nargs="+", metavar="MS",
+                        help="run today's runner once with each STREAMFOLD_RUNNER_FLUSH_MS (default: the setting's)")
     parser.add_argument("--no-baselines", action="store_true", help="skip rq's Worker and SimpleWorker")
     parser.add_argument("--verbose", action="store_true", help="also print enqueue -> started in rq, on stderr")
     args = parser.parse_args()
@@ -323,12 +329,14 @@ def main() -> int:
               "| peak RSS MB | CPU µs per chunk |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         splits = []
+        runners = [(True, None)] if args.baseline else []
+        runners += [(False, flush_ms) for flush_ms in args.flush_ms or [None]]
         for level in args.levels:
-            for baseline in ([True, False] if args.baseline else [False]):
-                long = bench.runner(level, baseline=baseline)
+            for baseline, flush_ms in runners:
+                long = bench.runner(level, baseline=baseline, flush_ms=flush_ms)
                 print(long.row(), flush=True)
                 if not args.no_split:
-                    short = bench.runner(level, baseline=baseline, upstream="short")
+                    short = bench.runner(level, baseline=baseline, upstream="short", flush_ms=flush_ms)
                     print(short.row(), flush=True)
                     splits.append(split(long, short))
         if not args.no_baselines:
