@@ -130,7 +130,8 @@ class Batcher:
         self._scripts: dict[str, str] = {}  # sha -> text, for loading what Redis lacks
         self._start = self.script(START_SCRIPT)
         self._claim_and_start = self.script(CLAIM_AND_START_SCRIPT)
-        self._connection: redis.asyncio.Connection | None = None
+        self._connection: redis.asyncio.connection.AbstractConnection | None = None
+        self._timeout: float | None = None
         self._log = EventLog(log)
         self.flushes = 0
 
@@ -180,7 +181,7 @@ class Batcher:
             await self._flush_forever()
         finally:
             if self._connection is not None:
-                await self.client.connection_pool.release(self._connection)
+                await self._connection.disconnect()
                 self._connection = None
 
     async def _flush_forever(self) -> None:
@@ -243,20 +244,26 @@ class Batcher:
                     pipe.execute_command(*command)
                 return await pipe.execute(raise_on_error=False)
         if self._connection is None:
-            self._connection = await pool.get_connection()
+            # A connection of the Batcher's own, made as the pool makes its connections but without a socket
+            # timeout: the whole round trip gets one timeout instead of a task per write and one per reply.
+            self._timeout = pool.connection_kwargs.get("socket_timeout")
+            self._connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         connection = self._connection
         try:
-            await connection.send_packed_command(b"".join(map(pack_command, commands)))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except redis.ResponseError as exc:  # a refusal of one command: the replies after it still come
-                    replies.append(exc)
-            return replies
-        except BaseException:
+            async with asyncio.timeout(self._timeout):
+                await connection.send_packed_command(b"".join(map(pack_command, commands)))
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except redis.ResponseError as exc:  # a refusal of one command: the replies after it still come
+                        replies.append(exc)
+                return replies
+        except BaseException as exc:
             # Replies left unread would be taken for the next batch's: start again on a new connection.
             await connection.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise redis.TimeoutError(f"Redis did not answer a batch within {self._timeout} s") from exc
             raise
 
     def _settle(self, batch: list[_Entry], replies: list[list[Any]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,26 +25,21 @@ class Flaky:
         self.real = fakeredis.FakeAsyncRedis(server=server)
         self.down = False
         self.sends = 0
-        self.connection_pool = self
+        flaky = self
+
+        class Connection(self.real.connection_pool.connection_class):  # type: ignore[name-defined,misc]
+            async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                packed = command if isinstance(command, bytes) else b"".join(command)
+                flaky.sends += b"\r\nXADD\r\n" in packed  # a batch, not the connection's handshake
+                if flaky.down:
+                    raise redis.ConnectionError("Connection refused")
+                await super().send_packed_command(command, check_health)
+
+        self.connection_pool = SimpleNamespace(connection_class=Connection,
+                                               connection_kwargs=self.real.connection_pool.connection_kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
-
-    async def get_connection(self) -> Any:
-        connection = await self.real.connection_pool.get_connection()
-        send = connection.send_packed_command
-
-        async def failing(command: Any, check_health: bool = True) -> None:
-            self.sends += 1
-            if self.down:
-                raise redis.ConnectionError("Connection refused")
-            await send(command, check_health)
-
-        connection.send_packed_command = failing
-        return connection
-
-    async def release(self, connection: Any) -> None:
-        await self.real.connection_pool.release(connection)
 
 
 @pytest.fixture
