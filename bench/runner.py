@@ -85,8 +85,9 @@ def split(long: Run, short: Run) -> str:
     level (see the module docstring)."""
     chunk_rate = (long.window_chunks / long.window_s, short.window_chunks / short.window_s)
     cpu_rate = (long.cpu_s / long.window_s, short.cpu_s / short.window_s)
-    per_chunk = (cpu_rate[0] - cpu_rate[1]) / (chunk_rate[0] - chunk_rate[1])
-    per_call = [(cpu - per_chunk * chunks) / (run.window_calls / run.window_s)
+    per_chunk = (cpu_rate[0] - cpu_rate[1]) / (chunk_rate[0] - chunk_rate[1] or math.nan)
+    # A runner too slow to end any call within the window (saturated) has no cost per call to show.
+    per_call = [(cpu - per_chunk * chunks) / (run.window_calls / run.window_s or math.nan)
                 for cpu, chunks, run in zip(cpu_rate, chunk_rate, (long, short))]
     return (f"| {long.label} | {long.in_flight} | {chunk_rate[0]:,.0f} / {chunk_rate[1]:,.0f} | "
             f"{cpu_rate[0] * 100:.0f}% / {cpu_rate[1] * 100:.0f}% | {per_chunk * 1e6:,.1f} | "
