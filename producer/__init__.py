@@ -18,7 +18,7 @@ _JOBS = frozenset({"cancel", "enqueue_chat_completion"})
 
 
 def __getattr__(name: str) -> object:
-    # rq and httpx load on first use of the job API, not for every process that only publishes or reads.
+    # rq and aiohttp load on first use of the job API, not for every process that only publishes or reads.
     if name in _JOBS:
         from producer import jobs
         return getattr(jobs, name)

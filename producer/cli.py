@@ -289,7 +289,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
-    # Imported here: rq and httpx load only for the commands that need them.
+    # Imported here: rq and aiohttp load only for the commands that need them.
     from producer.jobs import enqueue_chat_completion
     params = {"model": args.model, "messages": [{"role": "user", "content": text} for text in args.message]}
     with connect(settings) as client:

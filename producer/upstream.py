@@ -12,9 +12,8 @@ in results, log lines) passes through ``redact`` first, in case an upstream echo
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import logging
-import math
 import os
 import random
 import time
@@ -23,17 +22,20 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import httpx
-from httpx_sse import EventSource, SSEError
+import aiohttp
+import orjson
 
-from producer.apis import APIS, Api, error_kind, error_message, retryable_status
-from streamfold.capture import CapturedItem
+from producer.apis import APIS, Api, Request, error_kind, error_message, retryable_status
+from streamfold.capture import CapturedItem, SSEDecoder
 from streamfold.contract import ErrorInfo
 from streamfold.errors import ConfigError, UpstreamError
 from streamfold.settings import Settings, Upstream
 
 REDACTED = "[redacted]"
+JSON = {"Content-Type": "application/json"}
+BODY_END_WAIT_S = 0.05  # longest the end of a call waits for its body's end after the end marker
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -130,6 +132,14 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(when - (time.time() if now is None else now), 0.0)
 
 
+def described(exc: BaseException) -> str:
+    """An exception as a message says it: its type and text, and what its OS error number means (a refused
+    connection reads "Connection refused", whichever event loop wrote the text)."""
+    text = f"{type(exc).__name__} {exc}".strip()
+    number = getattr(exc, "errno", None)
+    return f"{text} ({os.strerror(number)})" if isinstance(number, int) and number > 0 else text
+
+
 def failure(error: UpstreamError) -> ErrorInfo:
     """The error a request fails with after ``error``: the upstream's own message and status, and a type that
     reads the same whichever provider it came from."""
@@ -138,39 +148,36 @@ def failure(error: UpstreamError) -> ErrorInfo:
 
 
 class UpstreamClient:
-    """Streams calls from one upstream over pooled ``httpx.AsyncClient``s; close it (``aclose``) when done.
+    """Streams calls from one upstream over one pooled ``aiohttp.ClientSession``; close it (``aclose``) when done.
 
-    ``transport`` replaces the network (tests pass an ``httpx.MockTransport``). ``connections`` is how many
-    calls may stream at once, which a runner sets to its concurrency: they are spread over one pool per
-    ``POOL_SIZE`` of them, since httpcore looks through every connection of a pool whenever a request
-    starts or ends, and a thousand connections in one pool made that the runner's largest cost.
+    ``connections`` is how many calls may stream at once, which a runner sets to its concurrency: the pool
+    holds that many connections, so that a call never waits for one. aiohttp rather than httpx: reading a
+    chunk through httpx's asynchronous stack (a timeout scope per read, the pure-Python HTTP parser) cost about
+    100 µs more than through aiohttp's C parser (BENCHMARKS.md, "Call runner"). The session is made on the
+    first call, on the event loop that runs the calls.
     """
-
-    POOL_SIZE = 64
 
     def __init__(self, base_url: str, *, api: Api = APIS["chat"], api_key: str | None = None,
                  params: Mapping[str, Any] | None = None, connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 transport: httpx.AsyncBaseTransport | None = None, connections: int = POOL_SIZE) -> None:
-        url = httpx.URL(base_url)
+                 connections: int = 64) -> None:
+        url = urlsplit(base_url)
         self.api = api
         self._api_key = api_key
         self._defaults = dict(params or {})
         self._secrets = (api_key,) if api_key else ()
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=min(connections, self.POOL_SIZE))
-        # httpx drops a base URL's query when it joins a path onto it; send it as client-wide params instead.
-        self._pools = [httpx.AsyncClient(base_url=url.copy_with(query=None), params=url.params, transport=transport,
-                                         timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=None),
-                                         limits=limits)
-                       for _ in range(max(1, math.ceil(connections / self.POOL_SIZE)))]
-        self._turn = itertools.cycle(self._pools)
+        # The base URL's query (an Azure api-version, say) goes with every call, after the path is joined on.
+        self._base = urlunsplit((url.scheme, url.netloc, url.path.rstrip("/"), "", ""))
+        self._query = parse_qsl(url.query, keep_blank_values=True)
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        self._connections = max(1, connections)
+        self._session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, upstream: Upstream, *, environ: Mapping[str, str] | None = None,
-                      transport: httpx.AsyncBaseTransport | None = None,
-                      connections: int = POOL_SIZE) -> UpstreamClient:
+                      connections: int = 64) -> UpstreamClient:
         return cls(upstream.base_url, api=APIS[upstream.api], api_key=api_key_of(upstream, environ),
                    params=upstream.params, connect_timeout=settings.upstream_connect_timeout,
-                   read_timeout=settings.upstream_read_timeout, transport=transport, connections=connections)
+                   read_timeout=settings.upstream_read_timeout, connections=connections)
 
     async def stream(self, params: Mapping[str, Any]) -> AsyncIterator[CapturedItem]:
         """Yield each SSE event of one streamed call with ``params`` (over the upstream's defaults): ``chunk``
@@ -181,42 +188,69 @@ class UpstreamClient:
         """
         request = self.api.request(params, self._defaults, self._api_key)
         try:
-            async with next(self._turn).stream("POST", request.path, json=request.body, headers=request.headers,
-                                           params=request.params) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise self._status_error(response)
-                async for event in EventSource(response).aiter_sse():
-                    item = self.api.item(event.event.encode(), event.data.encode())
-                    if item.kind == "done":
-                        return
-                    if item.data or item.kind == "error":
-                        yield item
-                    if item.kind == "error":
-                        return
-        except SSEError as exc:  # an httpx.TransportError too, but no retry makes it an event stream
-            raise UpstreamError(self.redact(f"upstream did not answer with an event stream: {exc}")) from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(self.redact(f"upstream timed out: {type(exc).__name__} {exc}".strip()),
-                                retryable=True) from exc
-        except httpx.TransportError as exc:
-            raise UpstreamError(self.redact(f"upstream connection failed: {type(exc).__name__} {exc}".strip()),
-                                retryable=True) from exc
-        except httpx.HTTPError as exc:  # undecodable bodies, redirect loops: the upstream's fault, not ours
-            raise UpstreamError(self.redact(f"upstream call failed: {type(exc).__name__} {exc}".strip())) from exc
+            async with self._open().post(self._url(request), data=orjson.dumps(request.body),
+                                         headers={**JSON, **request.headers}, allow_redirects=False) as response:
+                if response.status >= 400:
+                    raise self._status_error(response, await response.read())
+                kind = response.headers.get("content-type", "")
+                if "text/event-stream" not in kind:
+                    raise UpstreamError(self.redact(f"upstream did not answer with an event stream: status "
+                                                    f"{response.status}, content-type {kind!r}"))
+                decoder = SSEDecoder(self.api.item)
+                async for piece in response.content.iter_any():
+                    for item in decoder.feed(piece):
+                        if item.kind == "done":
+                            await self._finish(response)
+                            return
+                        if item.data or item.kind == "error":
+                            yield item
+                        if item.kind == "error":
+                            return
+        except aiohttp.ServerTimeoutError as exc:
+            raise UpstreamError(self.redact(f"upstream timed out: {described(exc)}"), retryable=True) from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            # Refused, reset, or cut before the body's end (a chunked body without its last chunk).
+            raise UpstreamError(self.redact(f"upstream connection failed: {described(exc)}"), retryable=True) from exc
+        except aiohttp.ClientError as exc:  # a malformed answer: the upstream's fault, which a retry will not mend
+            raise UpstreamError(self.redact(f"upstream call failed: {described(exc)}")) from exc
 
     def redact(self, text: str) -> str:
         return redact(text, self._secrets)
 
-    def _status_error(self, response: httpx.Response) -> UpstreamError:
-        status = response.status_code
-        message = error_message(response.content, response.reason_phrase or f"HTTP {status}")
+    @staticmethod
+    async def _finish(response: aiohttp.ClientResponse) -> None:
+        """After the stream's end marker, wait a moment for the body's own end, which usually follows at once:
+        a connection whose body was read to its end goes back to the pool for the next call, where one left
+        unread is closed, and a new one costs a connect (and, to a TLS upstream, a handshake)."""
+        try:
+            async with asyncio.timeout(BODY_END_WAIT_S):
+                while await response.content.readany():
+                    pass
+        except (TimeoutError, aiohttp.ClientError):
+            pass  # an upstream slow to end its body, or one that broke it: the connection is closed instead
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # No cookie jar: calls are independent of each other, and a jar costs every request a look-up.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._connections, limit_per_host=0), timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    def _url(self, request: Request) -> str:
+        query = [*self._query, *request.params.items()]
+        return f"{self._base}/{request.path}?{urlencode(query)}" if query else f"{self._base}/{request.path}"
+
+    def _status_error(self, response: aiohttp.ClientResponse, body: bytes) -> UpstreamError:
+        status = response.status
+        message = error_message(body, response.reason or f"HTTP {status}")
         return UpstreamError(self.redact(message), status=status, retryable=retryable_status(status),
                              retry_after=parse_retry_after(response.headers))
 
     async def aclose(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> UpstreamClient:
         return self

@@ -43,8 +43,6 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     redacting = RedactingFilter(configured_secrets(settings))
     for handler in logging.getLogger().handlers:
         handler.addFilter(redacting)
-    for chatty in ("httpx", "httpcore"):  # a line per upstream request: the runner logs what matters itself
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     name = name or runner_name()
     port = metrics_port if metrics_port is not None else settings.metrics_port
     with connect(settings) as client:

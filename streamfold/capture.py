@@ -1,20 +1,25 @@
-"""Read a captured stream: JSON Lines (one chunk per line) or SSE text such as ``curl -N`` prints.
+"""Read a captured stream: JSON Lines (one chunk per line) or SSE text such as ``curl -N`` prints; and decode
+a live SSE body as it arrives.
 
-Both the worker's ``assemble`` command and the producer's ``replay`` command read captures through here, so
-they agree on what a capture means: each ``data:`` payload is one chunk, byte for byte; ``data: [DONE]``
-ends the stream; ``event: error`` marks its data as an upstream error; comments, ``id:`` and ``retry:``
-are skipped; any other line is passed on as a chunk, so that garbage is rejected where chunks are read. An SSE event's data may span several ``data:`` lines (joined with newlines, as the SSE spec says).
+``SSEDecoder`` is the one definition of how Server-Sent Events are read, for captures (the worker's
+``assemble`` command, the producer's ``replay``) and for upstream answers (producer/upstream.py) alike; and
+``sse_item`` of what an event means: each ``data:`` payload is one chunk, byte for byte; ``data: [DONE]``
+ends the stream; ``event: error`` marks its data as an upstream error. As the SSE spec says: lines end with
+CR, LF or CRLF; an event's data may span several ``data:`` lines (joined with newlines) and is dispatched at
+the blank line after it; comments, ``id:`` and ``retry:`` are skipped. A capture also passes any other line
+on as a chunk, so that garbage is rejected where chunks are read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 Item = Literal["chunk", "error", "done"]
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,82 @@ class CapturedItem:
         return body if isinstance(body, dict) else self.data.decode("utf-8", "replace")
 
 
+def sse_item(event: bytes, data: bytes) -> CapturedItem:
+    """What one SSE event means: an ``event: error``, the ``[DONE]`` marker, or a chunk."""
+    if event == b"error":
+        return CapturedItem("error", data)
+    if data.strip() == b"[DONE]":
+        return CapturedItem("done")
+    return CapturedItem("chunk", data)
+
+
+class SSEDecoder:
+    """An incremental SSE decoder: ``feed`` it a body's bytes in pieces of any size, as they arrive; it returns
+    the events each piece completed, as ``meaning(event name, data)`` says they read.
+
+    A pure object, like the Assembler: no I/O, so the network reader and the capture reader share it.
+    ``other_lines`` passes a line that is no SSE field on as a chunk (a capture's garbage, for the reader to
+    reject where it is); the spec, and so an upstream's body, ignores it. ``flush`` ends the body: it
+    dispatches an event left without its blank line, which a capture may lack; the spec drops it.
+    """
+
+    __slots__ = ("_meaning", "_other", "_line", "_event", "_data", "_after_cr", "_fed")
+
+    def __init__(self, meaning: Callable[[bytes, bytes], CapturedItem] = sse_item, *,
+                 other_lines: bool = False) -> None:
+        self._meaning, self._other = meaning, other_lines
+        self._line = b""            # the start of a line whose end has not arrived
+        self._event = b""
+        self._data: bytes | None = None
+        self._after_cr = False      # the last piece ended with CR, so an LF starting the next ends no line
+        self._fed = False
+
+    def feed(self, piece: bytes) -> list[CapturedItem]:
+        if not self._fed and piece:
+            self._fed = True
+            piece = piece.removeprefix(BOM)
+        if self._after_cr:
+            self._after_cr = False
+            piece = piece.removeprefix(b"\n")
+        if b"\r" in piece:
+            self._after_cr = piece.endswith(b"\r")
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._line:
+            piece = self._line + piece
+        *lines, self._line = piece.split(b"\n")
+        items: list[CapturedItem] = []
+        for line in lines:
+            self._read(line, items)
+        return items
+
+    def flush(self) -> list[CapturedItem]:
+        """The end of the body: the last line and the last event, as if a blank line followed them."""
+        items: list[CapturedItem] = []
+        if self._line:
+            self._read(self._line, items)
+            self._line = b""
+        self._read(b"", items)
+        return items
+
+    def _read(self, line: bytes, items: list[CapturedItem]) -> None:
+        if not line:
+            if self._data is not None:
+                items.append(self._meaning(self._event, self._data))
+            self._event, self._data = b"", None
+            return
+        if line[0] == 0x3A:  # ":" starts a comment
+            return
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data = value if self._data is None else self._data + b"\n" + value
+        elif name == b"event":
+            self._event = value
+        elif self._other and name not in (b"id", b"retry"):
+            items.append(CapturedItem("chunk", line))
+
+
 def read_capture(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
     """Yield the chunks of a capture. The format is told by its first non-blank line."""
     it = iter(lines)
@@ -42,45 +123,9 @@ def read_capture(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
     if first.lstrip().startswith((b"{", b"[")):
         yield CapturedItem("chunk", first.strip())
         yield from (CapturedItem("chunk", line.strip()) for line in it if line.strip())
-    else:
-        yield from _read_sse(_chain(first, it))
-
-
-def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield first
-    yield from rest
-
-
-def _read_sse(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
-    event = b""
-    data: list[bytes] = []
-    for raw in lines:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield sse_item(event, b"\n".join(data))
-            event, data = b"", []
-            continue
-        if line.startswith(b":"):
-            continue
-        name, _, value = line.partition(b":")
-        if value.startswith(b" "):
-            value = value[1:]
-        if name == b"data":
-            data.append(value)
-        elif name == b"event":
-            event = value
-        elif name not in (b"id", b"retry"):
-            # Not SSE at all: hand it on as a chunk so the reader rejects it with its position.
-            yield CapturedItem("chunk", line)
-    if data:
-        yield sse_item(event, b"\n".join(data))
-
-
-def sse_item(event: bytes, data: bytes) -> CapturedItem:
-    """What one SSE event means: an ``event: error``, the ``[DONE]`` marker, or a chunk."""
-    if event == b"error":
-        return CapturedItem("error", data)
-    if data.strip() == b"[DONE]":
-        return CapturedItem("done")
-    return CapturedItem("chunk", data)
+        return
+    decoder = SSEDecoder(other_lines=True)
+    yield from decoder.feed(first)
+    for line in it:
+        yield from decoder.feed(line)
+    yield from decoder.flush()

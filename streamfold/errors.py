@@ -10,7 +10,7 @@
     ├── UpstreamError         the LLM upstream failed (status, message, retryable)
     └── ResultTimeout         no result arrived within the time asked for
 
-Errors from redis-py and httpx are translated at the boundary (``raise ... from exc``) so callers only ever
+Errors from redis-py and aiohttp are translated at the boundary (``raise ... from exc``) so callers only ever
 catch these.
 """
 

@@ -62,14 +62,23 @@ def serve(*, host: str | None = None, port: int | None = None, metrics_port: int
 
 def probe(host: str, port: int, timeout: float = 3.0) -> tuple[bool, str]:
     """(healthy, why): what a running gateway's ``/healthz`` says. ``0.0.0.0`` asks the loopback address."""
-    import httpx
+    import http.client
+    import json
+    import urllib.error
+    import urllib.request
 
     address = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    # No proxy: the gateway asked is this machine's, whatever HTTP_PROXY says.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        answer = httpx.get(f"http://{address}:{port}/healthz", timeout=timeout)
-    except httpx.HTTPError as exc:
-        return False, f"no answer from {address}:{port}: {type(exc).__name__}"
-    body = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else {}
-    if answer.status_code == 200:
+        with opener.open(f"http://{address}:{port}/healthz", timeout=timeout) as answer:
+            status, kind, raw = answer.status, answer.headers.get("content-type", ""), answer.read()
+    except urllib.error.HTTPError as exc:  # an unhealthy gateway answers 503, with its reason in the body
+        status, kind, raw = exc.code, exc.headers.get("content-type", ""), exc.read()
+    except (OSError, http.client.HTTPException) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return False, f"no answer from {address}:{port}: {type(reason).__name__}"
+    body = json.loads(raw) if kind.startswith("application/json") else {}
+    if status == 200:
         return True, f"following {body.get('followers', 0)} streams"
-    return False, str(body.get("reason") or f"HTTP {answer.status_code}")
+    return False, str(body.get("reason") or f"HTTP {status}")

@@ -22,6 +22,7 @@ from rq import Queue
 from rq.exceptions import DequeueTimeout, NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.rate_limit import release_slot
 from rq.registry import StartedJobRegistry
 from rq.utils import now
 from rq.worker import BaseWorker, WorkerStatus
@@ -155,6 +156,45 @@ class RqBridge:
         job._result = result  # what rq's handle_job_success stores as the job's result
         job._status = JobStatus.FINISHED
         self.worker.handle_job_success(job, taken.queue, taken.queue.started_job_registry, taken.execution)
+
+    def succeed_all(self, ended: list[tuple[Taken, dict[str, Any]]]) -> None:
+        """Jobs that returned, each with its result: what ``succeed`` does for each, in one transaction for all.
+
+        rq's own success handling costs each job three round trips (a WATCH on its dependents, their read,
+        the transaction). Streamfold's calls have no dependents and no repeats as a rule: their records are
+        written here in one MULTI after one read, under a WATCH on every job's dependents key, so that a
+        dependent added meanwhile sends them all back to rq's own handling, as would a job that has
+        dependents or repeats to start with.
+        """
+        worker, keys = self.worker, [taken.job.dependents_key for taken, _ in ended]
+        with self.client.pipeline() as pipe:
+            try:
+                pipe.watch(*keys)  # type: ignore[no-untyped-call]
+                if pipe.exists(*keys) or any(taken.job.repeats_left for taken, _ in ended):
+                    raise redis.WatchError("a job has dependents or repeats to see to")
+                pipe.multi()
+                for taken, result in ended:
+                    job = taken.job
+                    job.ended_at = now()
+                    job._result = result
+                    job._status = JobStatus.FINISHED
+                    worker.increment_successful_job_count(pipeline=pipe)
+                    worker.increment_total_working_time(job.ended_at - job.started_at, pipe)  # type: ignore[operator]
+                    ttl = job.get_result_ttl(worker.default_result_ttl)
+                    if ttl != 0:
+                        job._handle_success(ttl, pipeline=pipe, worker_name=worker.name,
+                                            execution_id=taken.execution.id,
+                                            execution_started_at=taken.execution.created_at,
+                                            execution_ended_at=job.ended_at)
+                    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+                    worker.cleanup_execution(job, pipeline=pipe, execution=taken.execution)
+                pipe.execute()
+            except redis.WatchError:
+                for taken, result in ended:
+                    self.succeed(taken, result)
+                return
+        for taken, _ in ended:
+            release_slot(taken.job)
 
     def fail(self, taken: Taken, message: str) -> None:
         """The job failed with ``message``: rq's own failure handling (FailedJobRegistry, the failure kept)."""

@@ -4,9 +4,10 @@ These are the only definition of what a call does, whoever runs it - the concurr
 producer work``) or a plain ``rq worker`` running the job function, which runs one call on an event loop of
 its own:
 
-- **Claim before anything is published.** ``claim`` sets ``keys.cancel(rid)`` to ``running`` unless it exists
-  (one MULTI): ``first`` - this run owns the request; ``rerun`` - an earlier run claimed it and stopped (its
-  runner died, or rq ran the job again); ``cancelled`` - ``producer.cancel`` got there first.
+- **Claim before anything is published.** The claim sets ``keys.cancel(rid)`` to ``running`` unless it exists:
+  ``first`` - this run owns the request; ``rerun`` - an earlier run claimed it and stopped (its runner died,
+  or rq ran the job again); ``cancelled`` - ``producer.cancel`` got there first. A first run's claim and its
+  start are one script in one batch (``RequestStream.claim_and_start``): a call's first round trip.
 - **Attempts replace each other whole.** A retry after chunks were pushed starts attempt n+1; a re-run
   continues after the newest attempt in the stream, without starting the request again when its start is
   there, and does nothing when the stream already ended.
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 import redis.asyncio
 
-from producer.runner.publishing import RequestStream, patiently
+from producer.runner.publishing import RequestStream
 from producer.upstream import RetryPolicy, UpstreamClient, failure
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import RedisUnavailable, UpstreamError
@@ -38,8 +39,6 @@ from streamfold.logs import EventLog
 log = logging.getLogger("streamfold.runner")
 
 Outcome = Literal["ended", "failed", "cancelled", "skipped"]
-Claim = Literal["first", "rerun", "cancelled"]
-RUNNING = b"running"
 CANCELLED = b"cancelled"
 CANCEL_CHECK_INTERVAL = 0.1
 CANCELLED_ERROR = ErrorInfo(message="request cancelled", type="cancelled", status=None, code=None)
@@ -49,23 +48,6 @@ def crash_error(exc: BaseException) -> ErrorInfo:
     """What a request fails with when the code carrying its call crashed or ran out of time."""
     return ErrorInfo(message=f"producer job failed: {type(exc).__name__}", type="producer_error", status=None,
                      code=None)
-
-
-async def claim(client: redis.asyncio.Redis, keys: Keys, request_id: str, ttl: int) -> Claim:
-    """Take the request before publishing anything (one round trip, atomic); see the module docstring."""
-    key = keys.cancel(request_id)
-
-    async def claim_once() -> list[Any]:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.set(key, RUNNING, nx=True, ex=ttl)
-            pipe.get(key)
-            replies: list[Any] = await pipe.execute()
-            return replies
-
-    created, value = await patiently(claim_once, "claiming a request")
-    if created:
-        return "first"
-    return "rerun" if value == RUNNING else "cancelled"
 
 
 class Call:
@@ -78,14 +60,13 @@ class Call:
 
     def __init__(self, request_id: str, stream: RequestStream, upstream: UpstreamClient | None,
                  params: Mapping[str, Any], *, meta: Mapping[str, Any], mode: Mode, api: str, policy: RetryPolicy,
-                 client: redis.asyncio.Redis,
-                 keys: Keys, claim_ttl: int, adopted: bool = False,
+                 claim_ttl: int, adopted: bool = False,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  on_chunk: Callable[[bool, float], None] | None = None,
                  on_upstream_error: Callable[[int | None], None] | None = None) -> None:
         self.request_id, self.stream, self.upstream, self.params = request_id, stream, upstream, params
         self.meta, self.mode, self.api, self.policy = meta, mode, api, policy
-        self._client, self._keys, self._claim_ttl, self._adopted = client, keys, claim_ttl, adopted
+        self._claim_ttl, self._adopted = claim_ttl, adopted
         self._sleep = sleep
         self._on_chunk, self._on_upstream_error = on_chunk, on_upstream_error
         self._task: asyncio.Task[Any] | None = None
@@ -104,11 +85,11 @@ class Call:
 
     async def run(self) -> Outcome:
         self._task = asyncio.current_task()
-        taken = await claim(self._client, self._keys, self.request_id, self._claim_ttl)
+        taken = await self.stream.claim_and_start(self.meta, self.mode, self.api, ttl=self._claim_ttl)
         if taken == "cancelled" and not self._adopted:
             return "skipped"  # producer.cancel published the request's failure itself
         try:
-            attempt = await self._open(taken)
+            attempt = 0 if taken == "first" else await self._open()
             if attempt is None:
                 return "ended"  # the stream already ended: the run before finished the call
             if taken == "cancelled":
@@ -129,9 +110,11 @@ class Call:
 
     async def reject(self, error: ErrorInfo) -> Outcome:
         """Fail a request that cannot be called at all (an unknown upstream, a missing key)."""
-        if await claim(self._client, self._keys, self.request_id, self._claim_ttl) == "cancelled":
+        taken = await self.stream.claim_and_start(self.meta, self.mode, self.api, ttl=self._claim_ttl)
+        if taken == "cancelled":
             return "skipped"
-        await self.stream.start(self.meta, self.mode, self.api)
+        if taken == "rerun":
+            await self.stream.start(self.meta, self.mode, self.api)
         await self.stream.fail(error)
         return "failed"
 
@@ -148,10 +131,10 @@ class Call:
         await self.stream.fail(error)
         return "failed"
 
-    async def _open(self, taken: Claim) -> int | None:
-        """Start the request, or find where an earlier run left it; the attempt to go on with, or None when
-        the earlier run already ended it."""
-        last = None if taken == "first" else await self.stream.last_entry()
+    async def _open(self) -> int | None:
+        """Find where an earlier run left the request, starting it if that run never did; the attempt to go on
+        with, or None when the earlier run already ended it."""
+        last = await self.stream.last_entry()
         if last is None:
             await self.stream.start(self.meta, self.mode, self.api)
             return 0

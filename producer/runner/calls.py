@@ -16,7 +16,6 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, TypedDict
 
-import httpx
 import redis.asyncio
 from redis.connection import HiredisRespSerializer
 
@@ -87,12 +86,12 @@ class Calls:
     """Runs calls for jobs; enter it (``async with``) to start its background tasks.
 
     ``hooks`` report to a runner's metrics; ``gate`` is the runner's lease check before each write;
-    ``environ`` and ``transport`` stand in for the environment and the network in tests.
+    ``environ`` stands in for the environment in tests.
     """
 
     def __init__(self, settings: Settings, client: redis.asyncio.Redis, *, connections: int = 64,
                  gate: Callable[[], Awaitable[bool]] | None = None, hooks: CallHooks | None = None,
-                 environ: Mapping[str, str] | None = None, transport: httpx.AsyncBaseTransport | None = None,
+                 environ: Mapping[str, str] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.settings, self.client, self.keys = settings, client, settings.keys
         self.hooks = hooks or CallHooks()
@@ -101,7 +100,7 @@ class Calls:
                                on_redis_error=self.hooks.redis_error)
         self.cancels = CancelWatch(client, self.keys)
         self._policy = RetryPolicy.from_settings(settings)
-        self._connections, self._environ, self._transport, self._sleep = connections, environ, transport, sleep
+        self._connections, self._environ, self._sleep = connections, environ, sleep
         self._upstreams: dict[str, UpstreamClient] = {}
         self._exits = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,7 +146,7 @@ class Calls:
                                max_age=self.settings.stream_max_age, provider=provider,
                                request_model=model if isinstance(model, str) else None)
         call = Call(request_id, stream, http, params, meta=meta, mode=mode, api=api, policy=self._policy,
-                    client=self.client, keys=self.keys, adopted=adopted, sleep=self._sleep,
+                    adopted=adopted, sleep=self._sleep,
                     claim_ttl=self.settings.job_timeout + self.settings.cancel_ttl,
                     on_chunk=self.hooks.chunk, on_upstream_error=self.hooks.upstream_error)
         return call, problem
@@ -167,7 +166,7 @@ class Calls:
         client = self._upstreams.get(name)
         if client is None:
             client = UpstreamClient.from_settings(self.settings, self.settings.upstream(name), environ=self._environ,
-                                                  transport=self._transport, connections=self._connections)
+                                                  connections=self._connections)
             self._exits.push_async_callback(client.aclose)
             self._upstreams[name] = client
         return client

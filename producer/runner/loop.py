@@ -71,6 +71,9 @@ class Runner:
         self.calls = Calls(settings, aclient, connections=self.concurrency, gate=self.lease.check, hooks=self.metrics)
         self.metrics.watch_in_flight(lambda: len(self._held))
         self._held: dict[str, Held] = {}
+        self._held_key = settings.keys.runner_calls(name)
+        self._ended: list[tuple[Taken, dict[str, Any], asyncio.Future[None]]] = []  # jobs to mark succeeded
+        self._ending: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
         self._drain_until: float | None = None
         self._idle = False
@@ -115,8 +118,11 @@ class Runner:
             async with self.calls:
                 yield
         finally:
-            timers.cancel()
-            await asyncio.gather(timers, return_exceptions=True)
+            # Every call that ended has seen its job marked; what is left is for calls handed back.
+            for task in (timers, self._ending):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self._leave()
@@ -202,7 +208,7 @@ class Runner:
         call, problem = self.calls.call(request_id, str(kwargs.get("upstream")), kwargs.get("params") or {},
                                         kwargs.get("meta") or {}, adopted=adopted)
         try:
-            await self.lease.hold(request_id, reruns)
+            await self._hold(request_id, reruns)
             if reruns > self.settings.runner_reruns:
                 outcome = await call.give_up(runner_lost(self.settings.runner_reruns))
                 await self._mark(self.bridge.fail, taken, "runner_lost: the runner carrying this call stopped, and "
@@ -213,7 +219,7 @@ class Runner:
                     outcome = await self.calls.run(call, problem)
                 summary = {"request_id": request_id, "upstream": kwargs.get("upstream"), "outcome": outcome,
                            "calls": call.calls}
-                await self._mark(self.bridge.succeed, taken, summary)
+                await self._succeed(taken, summary)
                 self.metrics.ended(outcome)
         except (asyncio.CancelledError, LeaseLost, Discarded):
             return  # handed back, or taken over by a peer: whoever has the call now ends it
@@ -238,11 +244,14 @@ class Runner:
         self._log.error("call_failed", request_id=call.request_id, error=text.splitlines()[-1])
         await self._mark(self.bridge.fail, taken, text)
 
+    async def _hold(self, request_id: str, reruns: int) -> None:
+        """Record a call in the lease's hash (``Lease.hold``) before it publishes anything: through the shared
+        batch, so that the record rides the same round trip as the call's claim and start, ahead of them."""
+        await self.calls.batcher.send((("HSET", self._held_key, request_id, reruns),))
+
     async def _forget(self, request_id: str) -> None:
-        try:
-            await self.lease.release([request_id])
-        except redis.RedisError as exc:
-            self._log.warning("call_not_forgotten", request_id=request_id, error=str(exc))
+        """Forget a call whose rq job is marked (``Lease.release``), in the next batch: nothing waits for it."""
+        await self.calls.batcher.send((("HDEL", self._held_key, request_id),))
 
     # --- takeover, lease, leaving ----------------------------------------------------------------------
 
@@ -314,6 +323,34 @@ class Runner:
         event loop, which carries the calls."""
         pool = self._threads[0 if dequeue else 1]
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(verb, *args))
+
+    async def _succeed(self, taken: Taken, summary: dict[str, Any]) -> None:
+        """Mark a job succeeded in rq, with the jobs of every other call that ended meanwhile: one
+        ``succeed_all`` at a time, so that a busy runner ends many jobs a round trip and an idle one waits for
+        no timer."""
+        ended = asyncio.get_running_loop().create_future()
+        self._ended.append((taken, summary, ended))
+        if self._ending is None:
+            self._ending = asyncio.create_task(self._end_jobs(), name="end jobs")
+        await ended
+
+    async def _end_jobs(self) -> None:
+        try:
+            while self._ended:
+                batch, self._ended = self._ended, []
+                jobs = [(taken, summary) for taken, summary, _ in batch]
+                try:
+                    await patiently(lambda: self._rq(self.bridge.succeed_all, jobs), "ending jobs in rq")
+                except Exception as exc:  # noqa: BLE001  (each call hears its own job's trouble)
+                    for *_, ended in batch:
+                        if not ended.done():
+                            ended.set_exception(exc)
+                    continue
+                for *_, ended in batch:
+                    if not ended.done():
+                        ended.set_result(None)
+        finally:
+            self._ending = None
 
     async def _mark(self, verb: Callable[[Taken, Any], None], taken: Taken, outcome: Any) -> None:
         """End a job in rq, waiting out a Redis that cannot serve for now: the call ended, and rq must say so."""

@@ -1,10 +1,16 @@
-"""Publishing from many calls at once: one shared pipeline, flushed on size or on a short timer.
+"""Publishing from many calls at once: one shared batch of commands, flushed on size or on a short timer.
 
 Every call in a runner process hands its envelopes to one ``Batcher``. Entries wait at most ``flush_s``
 (a couple of milliseconds) or until ``batch`` of them are waiting, then go to Redis in one round trip with
 everything the other calls pushed meanwhile, so a thousand calls cost a few hundred round trips a second,
 not a round trip per chunk. One batch is in flight at a time and batches leave in the order entries were
 handed in, so each request's entries reach its stream in the order they were pushed.
+
+A batch is written as one packed write on a connection of the Batcher's own, and its replies read back in
+order: no redis-py pipeline object per batch, whose bookkeeping cost more than the commands (BENCHMARKS.md,
+"Call runner"). A client without one connection pool (a cluster's) gets its commands through its own
+pipeline, which sends each to the node that holds its key. Scripts go as EVALSHA and are loaded only when
+Redis answers that it lacks one (NOSCRIPT), then the commands that needed it are sent again.
 
 When Redis is slow or away, a batch that failed is sent again, whole and first, after a backoff: nothing is
 dropped and nothing overtakes it. An entry sent twice is harmless - workers drop a repeated (attempt, seq),
@@ -20,17 +26,19 @@ with the same envelopes (streamfold/contract.py) and the same start script.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import redis
 import redis.asyncio
-from redis.asyncio.client import Pipeline
+from hiredis import pack_command
+from redis.exceptions import NoScriptError
 
 from producer.publisher import START_SCRIPT, check_started, now_ms, start_arguments
 from streamfold import contract
@@ -42,7 +50,24 @@ from streamfold.logs import EventLog
 
 log = logging.getLogger("streamfold.runner")
 
-Queue = Callable[[Pipeline], int]  # queues an entry's commands on a pipeline; returns how many
+# A call's first step as one script: claim the request (its cancel key, the last KEYS, set to "running" for
+# ARGV[1] seconds unless it exists) and, only when this run is the first to, open it as start.lua does with the
+# ARGV after the first. start.lua's own text, not a copy, so the two cannot drift. Returns {1, start.lua's
+# answer} after opening, or {0, the cancel key's value}. Every key carries the request's shard tag.
+CLAIM_AND_START_SCRIPT = f"""
+local function start()
+{START_SCRIPT}
+end
+if redis.call('SET', KEYS[#KEYS], 'running', 'NX', 'EX', ARGV[1]) then
+  table.remove(ARGV, 1)
+  return {{1, start()}}
+end
+return {{0, redis.call('GET', KEYS[#KEYS])}}
+"""
+RUNNING = b"running"
+Claim = Literal["first", "rerun", "cancelled"]
+
+Command = tuple[Any, ...]  # one Redis command: its name, then its arguments
 
 
 T = TypeVar("T")
@@ -76,13 +101,13 @@ class Discarded(Exception):
 
 @dataclass(slots=True)
 class _Entry:
-    queue: Queue
+    commands: Sequence[Command]
     size: int
     reply: asyncio.Future[Any] | None
 
 
 class Batcher:
-    """The shared publishing pipeline of one process; ``run`` is its flushing task.
+    """The shared publishing batch of one process; ``run`` is its flushing task.
 
     ``gate`` is awaited before each batch leaves: a runner passes its lease check, so that a runner whose
     calls were taken over by a peer never writes for them again - on False, everything buffered is dropped
@@ -102,7 +127,11 @@ class Batcher:
         self._room = asyncio.Event()      # the buffer fell below its limit
         self._room.set()
         self._replies = 0  # entries buffered whose sender waits for the reply
-        self._start = client.register_script(START_SCRIPT)
+        self._scripts: dict[str, str] = {}  # sha -> text, for loading what Redis lacks
+        self._start = self.script(START_SCRIPT)
+        self._claim_and_start = self.script(CLAIM_AND_START_SCRIPT)
+        self._connection: redis.asyncio.connection.AbstractConnection | None = None
+        self._timeout: float | None = None
         self._log = EventLog(log)
         self.flushes = 0
 
@@ -110,15 +139,21 @@ class Batcher:
     def buffered(self) -> int:
         return len(self._entries)
 
-    async def send(self, queue: Queue, *, size: int = 0, reply: bool = False) -> Any:
-        """Hand an entry over; with ``reply``, wait until it was sent and return the reply of its last command
-        (RedisRefused when Redis refused it). Entries with a ``size`` wait for room first."""
+    def script(self, text: str) -> str:
+        """Make a Lua script callable in batches (``EVALSHA sha``); returns its sha."""
+        sha = hashlib.sha1(text.encode()).hexdigest()
+        self._scripts[sha] = text
+        return sha
+
+    async def send(self, commands: Sequence[Command], *, size: int = 0, reply: bool = False) -> Any:
+        """Hand an entry (its commands) over; with ``reply``, wait until it was sent and return the reply of its
+        last command (RedisRefused when Redis refused any). Entries with a ``size`` wait for room first."""
         if size:
             while self._bytes >= self._limit:
                 self._room.clear()
                 await self._room.wait()
         future = asyncio.get_running_loop().create_future() if reply else None
-        self._entries.append(_Entry(queue, size, future))
+        self._entries.append(_Entry(commands, size, future))
         self._bytes += size
         self._replies += future is not None
         self._waiting.set()
@@ -128,15 +163,28 @@ class Batcher:
 
     async def start(self, keys: list[str], args: list[Any]) -> Any:
         """Run producer/lua/start.lua in the next batch and return its answer."""
-        return await self.send(lambda pipe: self._queue_start(pipe, keys, args), reply=True)
+        return await self.send((("EVALSHA", self._start, len(keys), *keys, *args),), reply=True)
+
+    async def claim_and_start(self, cancel_key: str, ttl: int, keys: list[str], args: list[Any]) -> Any:
+        """Run ``CLAIM_AND_START_SCRIPT`` in the next batch and return its answer."""
+        return await self.send((("EVALSHA", self._claim_and_start, len(keys) + 1, *keys, cancel_key, ttl, *args),),
+                               reply=True)
 
     async def drain(self) -> None:
         """Wait until everything handed over so far was sent."""
         if self._entries:
-            await self.send(lambda pipe: 0, reply=True)
+            await self.send((), reply=True)
 
     async def run(self) -> None:
         """Send batches until cancelled; a batch that fails for want of Redis is sent again after a backoff."""
+        try:
+            await self._flush_forever()
+        finally:
+            if self._connection is not None:
+                await self._connection.disconnect()
+                self._connection = None
+
+    async def _flush_forever(self) -> None:
         failures = 0
         while True:
             await self._waiting.wait()
@@ -169,14 +217,54 @@ class Batcher:
             self._settle(batch, replies)
 
     async def _execute(self, batch: list[_Entry]) -> list[list[Any]]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            counts = [entry.queue(pipe) for entry in batch]
-            flat = await pipe.execute(raise_on_error=False)
+        """Every entry's commands in one round trip; each entry's replies, errors among them."""
+        commands = [command for entry in batch for command in entry.commands]
+        flat = await self._round_trip(commands)
+        lacking = [at for at, reply in enumerate(flat) if isinstance(reply, NoScriptError)]
+        if lacking:
+            # Only starts are scripts, and nothing of a request follows its start before the start's reply:
+            # sending them again after the rest of the batch reorders nothing within a request.
+            for sha in {commands[at][1] for at in lacking}:
+                await self.client.script_load(self._scripts[sha])
+            for at, reply in zip(lacking, await self._round_trip([commands[at] for at in lacking])):
+                flat[at] = reply
         replies, at = [], 0
-        for count in counts:
-            replies.append(flat[at:at + count])
-            at += count
+        for entry in batch:
+            replies.append(flat[at:at + len(entry.commands)])
+            at += len(entry.commands)
         return replies
+
+    async def _round_trip(self, commands: list[Command]) -> list[Any]:
+        if not commands:
+            return []
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute(raise_on_error=False)
+        if self._connection is None:
+            # A connection of the Batcher's own, made as the pool makes its connections but without a socket
+            # timeout: the whole round trip gets one timeout instead of a task per write and one per reply.
+            self._timeout = pool.connection_kwargs.get("socket_timeout")
+            self._connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        connection = self._connection
+        try:
+            async with asyncio.timeout(self._timeout):
+                await connection.send_packed_command(b"".join(map(pack_command, commands)))
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except redis.ResponseError as exc:  # a refusal of one command: the replies after it still come
+                        replies.append(exc)
+                return replies
+        except BaseException as exc:
+            # Replies left unread would be taken for the next batch's: start again on a new connection.
+            await connection.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                raise redis.TimeoutError(f"Redis did not answer a batch within {self._timeout} s") from exc
+            raise
 
     def _settle(self, batch: list[_Entry], replies: list[list[Any]]) -> None:
         for entry, reply in zip(batch, replies):
@@ -209,14 +297,6 @@ class Batcher:
         self._due.clear()
         self._room.set()
 
-    def _queue_start(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> int:
-        # What AsyncScript.__call__ does for a pipeline, without awaiting: the pipeline loads the script
-        # before it sends, should Redis not know it yet.
-        # redis-py types the pipeline's scripts as blocking ones; it loads asynchronous ones all the same.
-        pipe.scripts.add(self._start)  # type: ignore[arg-type]
-        pipe.evalsha(self._start.sha, len(keys), *keys, *args)
-        return 1
-
 
 class RequestStream:
     """One request's envelopes through the shared Batcher: start, chunks of the current attempt, end or error.
@@ -238,10 +318,24 @@ class RequestStream:
     async def start(self, meta: Mapping[str, Any], mode: Mode, api: str) -> None:
         """Open the request (start envelope and control entry, one script); ContractError when another
         producer owns the request id. ``api`` is the upstream's wire API: the stream's format."""
-        keys, args = start_arguments(self._keys, self.request_id, meta, mode, token=self._token,
-                                     max_age=self._max_age, format=cast(Format, api), provider=self._provider,
-                                     request_model=self._request_model)
+        keys, args = self._start_arguments(meta, mode, api)
         check_started(self.request_id, await self._batcher.start(keys, args))
+
+    async def claim_and_start(self, meta: Mapping[str, Any], mode: Mode, api: str, *, ttl: int) -> Claim:
+        """Claim the request for ``ttl`` seconds (its cancel key set to ``running`` unless it exists) and, when
+        this is its first run, open it as ``start`` does: one script, in the next batch. ``first``: claimed
+        and opened; ``rerun``: an earlier run claimed it; ``cancelled``: its cancel got there first. Neither
+        of the last two opened anything."""
+        keys, args = self._start_arguments(meta, mode, api)
+        claimed, answer = await self._batcher.claim_and_start(self._keys.cancel(self.request_id), ttl, keys, args)
+        if claimed:
+            check_started(self.request_id, answer)
+            return "first"
+        return "rerun" if answer == RUNNING else "cancelled"
+
+    def _start_arguments(self, meta: Mapping[str, Any], mode: Mode, api: str) -> tuple[list[str], list[Any]]:
+        return start_arguments(self._keys, self.request_id, meta, mode, token=self._token, max_age=self._max_age,
+                               format=cast(Format, api), provider=self._provider, request_model=self._request_model)
 
     async def last_entry(self) -> Envelope | None:
         """The newest envelope in the request's stream, None when it has none: where a re-run picks up."""
@@ -256,7 +350,7 @@ class RequestStream:
     async def push(self, raw: bytes) -> None:
         fields = contract.encode_chunk(raw, seq=self.pushed, attempt=self.attempt, ts_ms=now_ms())
         self.pushed += 1
-        await self._batcher.send(lambda pipe: _xadd(pipe, self.key, fields), size=len(raw) + 64)
+        await self._batcher.send((_xadd(self.key, fields),), size=len(raw) + 64)
 
     async def end(self) -> None:
         await self._close(contract.encode_end(attempt=self.attempt, ts_ms=now_ms()))
@@ -267,13 +361,8 @@ class RequestStream:
 
     async def _close(self, fields: dict[str, bytes]) -> None:
         """The end or error envelope, and the stream's safety expiry; returns once both are in Redis."""
-        def queue(pipe: Pipeline) -> int:
-            _xadd(pipe, self.key, fields)
-            pipe.expire(self.key, self._max_age, nx=True)
-            return 2
-        await self._batcher.send(queue, reply=True)
+        await self._batcher.send((_xadd(self.key, fields), ("EXPIRE", self.key, self._max_age, "NX")), reply=True)
 
 
-def _xadd(pipe: Pipeline, key: str, fields: dict[str, bytes]) -> int:
-    pipe.xadd(key, fields)  # type: ignore[arg-type]
-    return 1
+def _xadd(key: str, fields: dict[str, bytes]) -> Command:
+    return ("XADD", key, "*", *itertools.chain.from_iterable(fields.items()))

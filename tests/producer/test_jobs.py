@@ -18,7 +18,7 @@ from rq.job import Job, JobStatus
 from producer import jobs
 from producer.jobs import cancel, enqueue_chat_completion, job_id
 from producer.runner import calls as runner_calls
-from producer.runner.call import RUNNING
+from producer.runner.publishing import RUNNING
 from producer.runner.calls import Calls
 from streamfold.contract import Envelope, decode_envelope, decode_error
 from streamfold.errors import ConfigError, ContractError

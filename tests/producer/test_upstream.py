@@ -1,16 +1,18 @@
-"""The upstream client speaks each API's SSE over httpx, translates every failure once, and never lets an API key
-out. The network is an ``httpx.MockTransport``; each test runs its coroutine with ``asyncio.run``."""
+"""The upstream client speaks each API's SSE over aiohttp, translates every failure once, and never lets an API key
+out. The upstream is a real server on loopback (tests/producer/scripted_upstream.py); each test runs its coroutine
+with ``asyncio.run``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+import socket
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 
-import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from producer.apis import APIS, error_message
 from producer.upstream import (RedactingFilter, RetryPolicy, UpstreamClient, api_key_of, failure, parse_retry_after,
@@ -19,13 +21,12 @@ from streamfold.capture import CapturedItem
 from streamfold.contract import error_info
 from streamfold.errors import ConfigError, UpstreamError
 from streamfold.settings import Settings, Upstream, read_upstreams
+from tests.producer.scripted_upstream import Handler, ScriptedUpstream, Seen, answer, events, stalled
 
 KEY = "sk-test-0123456789abcdef"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 CHUNKS = [b'{"id":"c1","choices":[{"index":0,"delta":{"content":"Hel"}}]}',
           b'{"id":"c1","choices":[{"index":0,"delta":{"content":"lo \xc3\xa9"},"finish_reason":"stop"}]}']
-
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def sse(*events: bytes) -> bytes:
@@ -36,41 +37,21 @@ def data(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-def stream_response(body: bytes | Iterable[bytes], status: int = 200) -> httpx.Response:
-    return httpx.Response(status, headers={"content-type": "text/event-stream"},
-                          stream=_Stream([body] if isinstance(body, bytes) else body))
-
-
-class _Stream(httpx.AsyncByteStream):
-    """A response body sent in parts; a part that raises cuts the stream there."""
-
-    def __init__(self, parts: Iterable[bytes]) -> None:
-        self.parts = parts
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for part in self.parts:
-            yield part
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-def client_for(handler: Handler, base_url: str = "http://upstream.test/v1", api_key: str | None = KEY,
-               api: str = "chat") -> UpstreamClient:
-    return UpstreamClient(base_url, api=APIS[api], api_key=api_key, transport=httpx.MockTransport(handler))
-
-
-def items(handler: Handler, body: dict[str, object] = BODY, **options: str) -> list[CapturedItem]:
-    async def collect() -> list[CapturedItem]:
-        async with client_for(handler, **options) as client:
-            return [item async for item in client.stream(body)]
+def items(handler: Handler, body: dict[str, object] = BODY, *, path: str = "/v1", api_key: str | None = KEY,
+          api: str = "chat", read_timeout: float = 60.0) -> tuple[list[CapturedItem], Seen]:
+    """What the client yields for one call the upstream answers with ``handler``, and the request it got."""
+    async def collect() -> tuple[list[CapturedItem], Seen]:
+        async with ScriptedUpstream(handler) as upstream:
+            async with UpstreamClient(upstream.url(path), api=APIS[api], api_key=api_key,
+                                      read_timeout=read_timeout) as client:
+                received = [item async for item in client.stream(body)]
+            return received, upstream.requests[0]
     return asyncio.run(collect())
 
 
-def upstream_error(handler: Handler) -> UpstreamError:
+def upstream_error(handler: Handler, **options: float) -> UpstreamError:
     with pytest.raises(UpstreamError) as caught:
-        items(handler)
+        items(handler, **options)  # type: ignore[arg-type]
     return caught.value
 
 
@@ -78,76 +59,58 @@ def upstream_error(handler: Handler) -> UpstreamError:
 
 def test_each_data_payload_is_yielded_byte_for_byte_until_done() -> None:
     body = sse(b": keep-alive\n\n", data(CHUNKS[0]), data(CHUNKS[1]), data(b"[DONE]"), data(b'{"after": "done"}'))
-    assert items(lambda request: stream_response(body)) == [CapturedItem("chunk", chunk) for chunk in CHUNKS]
+    assert items(events(body))[0] == [CapturedItem("chunk", chunk) for chunk in CHUNKS]
+
+
+def test_events_split_across_network_reads_are_put_back_together() -> None:
+    body = sse(data(CHUNKS[0]), data(CHUNKS[1]), data(b"[DONE]"))
+    assert items(events([body[:7], body[7:70], body[70:71], body[71:]]))[0] == [CapturedItem("chunk", chunk)
+                                                                                  for chunk in CHUNKS]
 
 
 def test_a_stream_that_ends_without_done_ends_there() -> None:
-    assert items(lambda request: stream_response(data(CHUNKS[0]))) == [CapturedItem("chunk", CHUNKS[0])]
+    assert items(events(data(CHUNKS[0])))[0] == [CapturedItem("chunk", CHUNKS[0])]
 
 
 def test_an_error_event_is_yielded_as_an_error_and_ends_the_stream() -> None:
     error = b'{"error": {"message": "overloaded", "type": "server_error"}}'
     body = sse(data(CHUNKS[0]), b"event: error\n" + data(error), data(CHUNKS[1]))
-    assert items(lambda request: stream_response(body)) == [CapturedItem("chunk", CHUNKS[0]),
-                                                            CapturedItem("error", error)]
+    assert items(events(body))[0] == [CapturedItem("chunk", CHUNKS[0]), CapturedItem("error", error)]
 
 
 def test_the_request_posts_the_body_with_the_key_as_bearer_and_keeps_the_base_url_query() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return stream_response(data(b"[DONE]"))
-
-    items(handler, base_url="http://upstream.test/openai/v1?api-version=2024-10-21")
-    (request,) = seen
+    _, request = items(events(data(b"[DONE]")), path="/openai/v1?api-version=2024-10-21")
     assert request.method == "POST"
-    assert str(request.url) == "http://upstream.test/openai/v1/chat/completions?api-version=2024-10-21"
+    assert request.path == "/openai/v1/chat/completions?api-version=2024-10-21"
     assert request.headers["authorization"] == f"Bearer {KEY}"
-    assert orjson.loads(request.content) == {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    assert request.headers["content-type"] == "application/json"
+    assert request.json() == {**BODY, "stream": True, "stream_options": {"include_usage": True}}
 
 
 def test_an_anthropic_call_posts_to_messages_with_its_key_and_version_headers() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return stream_response(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
-
-    received = items(handler, base_url="https://api.anthropic.test/v1", api="anthropic")
-    (request,) = seen
-    assert str(request.url) == "https://api.anthropic.test/v1/messages"
+    received, request = items(events(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"), api="anthropic")
+    assert request.path == "/v1/messages"
     assert (request.headers["x-api-key"], request.headers["anthropic-version"]) == (KEY, "2023-06-01")
     assert "authorization" not in request.headers
-    assert orjson.loads(request.content) == {**BODY, "stream": True}
+    assert request.json() == {**BODY, "stream": True}
     assert received == [CapturedItem("chunk", b'{"type":"message_stop"}')]
 
 
 def test_a_responses_call_posts_to_responses_with_a_bearer_key() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return stream_response(b"event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n")
-
-    items(handler, body={"model": "gpt-5", "input": "hi"}, api="responses")
-    assert str(seen[0].url) == "http://upstream.test/v1/responses"
-    assert seen[0].headers["authorization"] == f"Bearer {KEY}"
-    assert orjson.loads(seen[0].content) == {"model": "gpt-5", "input": "hi", "stream": True}
+    _, request = items(events(b"event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n"),
+                       body={"model": "gpt-5", "input": "hi"}, api="responses")
+    assert request.path == "/v1/responses"
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert request.json() == {"model": "gpt-5", "input": "hi", "stream": True}
 
 
 def test_a_gemini_call_names_the_model_in_its_path_and_asks_for_sse() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return stream_response(b'data: {"candidates": []}\r\n\r\n')
-
     body = {"model": "gemini-2.5-flash", "contents": [{"parts": [{"text": "hi"}]}]}
-    received = items(handler, body=body, base_url="https://gemini.test/v1beta", api="gemini")
-    assert str(seen[0].url) == "https://gemini.test/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
-    assert seen[0].headers["x-goog-api-key"] == KEY
-    assert orjson.loads(seen[0].content) == {"contents": [{"parts": [{"text": "hi"}]}]}
+    received, request = items(events(b'data: {"candidates": []}\r\n\r\n'), body=body, path="/v1beta?key=k",
+                              api="gemini")
+    assert request.path == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?key=k&alt=sse"
+    assert request.headers["x-goog-api-key"] == KEY
+    assert request.json() == {"contents": [{"parts": [{"text": "hi"}]}]}
     assert received == [CapturedItem("chunk", b'{"candidates": []}')]
 
 
@@ -157,7 +120,7 @@ def test_a_gemini_call_names_the_model_in_its_path_and_asks_for_sse() -> None:
     ("gemini", b'data: {"error": {"code": 503, "message": "Overloaded", "status": "UNAVAILABLE"}}'),
 ])
 def test_each_apis_error_event_ends_the_stream_as_an_error(api: str, event: bytes) -> None:
-    received = items(lambda request: stream_response(event + b"\n\n" + data(CHUNKS[0])), api=api)
+    received, _ = items(events(event + b"\n\n" + data(CHUNKS[0])), api=api)
     assert [item.kind for item in received] == ["error"]
     error = received[0].error_body()
     assert isinstance(error, dict)
@@ -166,97 +129,125 @@ def test_each_apis_error_event_ends_the_stream_as_an_error(api: str, event: byte
 
 def test_anthropics_529_overloaded_is_retried_and_reads_as_overloaded() -> None:
     body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-    error = upstream_error(lambda request: httpx.Response(529, json=body))
+    error = upstream_error(answer(529, json=body))
     assert (str(error), error.status, error.retryable) == ("Overloaded", 529, True)
     assert failure(error)["type"] == "overloaded"
 
 
 def test_without_a_key_no_authorization_header_is_sent() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return stream_response(data(b"[DONE]"))
-
-    items(handler, api_key=None)
-    assert "authorization" not in seen[0].headers
+    _, request = items(events(data(b"[DONE]")), api_key=None)
+    assert "authorization" not in request.headers
 
 
 # --- failures ----------------------------------------------------------------------------------------------
 
 def test_a_429_is_retryable_with_its_retry_after_and_the_upstreams_message() -> None:
-    error = upstream_error(lambda request: httpx.Response(
-        429, headers={"retry-after": "2"}, json={"error": {"message": "Rate limit reached", "code": "rate_limit"}}))
+    error = upstream_error(answer(429, headers={"retry-after": "2"},
+                                  json={"error": {"message": "Rate limit reached", "code": "rate_limit"}}))
     assert (str(error), error.status, error.retryable, error.retry_after) == ("Rate limit reached", 429, True, 2.0)
     assert failure(error) == {"message": "Rate limit reached", "type": "rate_limited", "status": 429, "code": None}
 
 
+def test_retry_after_ms_is_read_from_an_error_answer() -> None:
+    error = upstream_error(answer(503, headers={"retry-after-ms": "250"}, text="busy"))
+    assert (error.status, error.retry_after) == (503, 0.25)
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 408])
 def test_server_errors_and_timeouts_are_retryable(status: int) -> None:
-    error = upstream_error(lambda request: httpx.Response(status, text="try later"))
+    error = upstream_error(answer(status, text="try later"))
     assert (str(error), error.status, error.retryable, error.retry_after) == ("try later", status, True, None)
 
 
 @pytest.mark.parametrize("status", [400, 401, 404])
 def test_client_errors_are_not_retried(status: int) -> None:
-    error = upstream_error(lambda request: httpx.Response(status, json={"error": {"message": "bad request"}}))
+    error = upstream_error(answer(status, json={"error": {"message": "bad request"}}))
     assert (error.status, error.retryable) == (status, False)
     assert failure(error)["type"] == "upstream_error"
 
 
 def test_a_connection_failure_before_any_answer_is_retryable() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("Connection refused", request=request)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
 
-    error = upstream_error(refuse)
+    async def call() -> None:
+        async with UpstreamClient(f"http://127.0.0.1:{port}/v1", api_key=KEY) as client:
+            async for _ in client.stream(BODY):
+                pass
+
+    with pytest.raises(UpstreamError) as caught:
+        asyncio.run(call())
+    error = caught.value
     assert (error.status, error.retryable) == (None, True)
     assert "Connection refused" in str(error)
     assert failure(error)["type"] == "connection_error"
 
 
 def test_a_read_timeout_is_retryable() -> None:
-    def slow(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("timed out", request=request)
-
-    error = upstream_error(slow)
+    error = upstream_error(stalled(2.0), read_timeout=0.2)
     assert error.retryable and str(error).startswith("upstream timed out")
 
 
 def test_a_connection_dropped_mid_stream_raises_after_the_chunks_already_read() -> None:
-    def parts() -> Iterable[bytes]:
-        yield data(CHUNKS[0])
-        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
-
     received: list[CapturedItem] = []
 
     async def read() -> None:
-        async with client_for(lambda request: stream_response(parts())) as client:
-            async for item in client.stream(BODY):
-                received.append(item)
+        async with ScriptedUpstream(events(data(CHUNKS[0]), cut=True)) as upstream:
+            async with UpstreamClient(upstream.url(), api_key=KEY) as client:
+                async for item in client.stream(BODY):
+                    received.append(item)
 
     with pytest.raises(UpstreamError) as caught:
         asyncio.run(read())
     assert received == [CapturedItem("chunk", CHUNKS[0])]
-    assert caught.value.retryable and "peer closed connection" in str(caught.value)
+    assert caught.value.retryable and "payload is not completed" in str(caught.value)
 
 
 def test_an_answer_that_is_not_an_event_stream_is_not_retried() -> None:
-    error = upstream_error(lambda request: httpx.Response(200, json={"choices": []}))
+    error = upstream_error(answer(200, json={"choices": []}))
     assert not error.retryable and "event stream" in str(error)
 
 
-def test_closing_the_iterator_closes_the_response() -> None:
-    body = _Stream([data(CHUNKS[0]), data(CHUNKS[1])])
+def test_closing_the_iterator_closes_the_connection() -> None:
+    async def read_one() -> int:
+        async with ScriptedUpstream(events([data(CHUNKS[0]), data(CHUNKS[1])], hold=True)) as upstream:
+            async with UpstreamClient(upstream.url(), api_key=KEY) as client:
+                stream = client.stream(BODY)
+                await anext(stream)
+                await stream.aclose()  # type: ignore[attr-defined]
+                for _ in range(100):
+                    if upstream.closed_by_client:
+                        break
+                    await asyncio.sleep(0.01)
+            return upstream.closed_by_client
 
-    async def read_one() -> None:
-        async with client_for(lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"},
-                                                             stream=body)) as client:
-            stream = client.stream(BODY)
-            await anext(stream)
-            await stream.aclose()  # type: ignore[attr-defined]
+    assert asyncio.run(read_one()) == 1
 
-    asyncio.run(read_one())
-    assert body.closed
+
+def test_a_stream_read_to_its_end_leaves_its_connection_to_the_next_call() -> None:
+    async def two_calls() -> set[object]:
+        peers: list[object] = []
+
+        def answer_recording_peer(handler: Handler) -> Handler:
+            async def handle(request: web.BaseRequest) -> web.StreamResponse:
+                assert request.transport is not None
+                peers.append(request.transport.get_extra_info("peername"))
+                return await handler(request)
+            return handle
+
+        async def parts() -> AsyncIterator[bytes]:
+            yield data(CHUNKS[0]) + data(b"[DONE]")
+            await asyncio.sleep(0.01)  # the body's end follows a moment later
+
+        stream = events(parts)
+        async with ScriptedUpstream(answer_recording_peer(stream), answer_recording_peer(stream)) as upstream:
+            async with UpstreamClient(upstream.url(), api_key=KEY) as client:
+                for _ in range(2):
+                    assert [item async for item in client.stream(BODY)] == [CapturedItem("chunk", CHUNKS[0])]
+        return set(peers)
+
+    assert len(asyncio.run(two_calls())) == 1
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -313,8 +304,7 @@ def test_retry_after_reads_seconds_milliseconds_and_http_dates() -> None:
 # --- keys ----------------------------------------------------------------------------------------------------
 
 def test_an_upstream_echoing_the_key_in_its_error_gets_it_redacted() -> None:
-    error = upstream_error(lambda request: httpx.Response(
-        401, json={"error": {"message": f"Incorrect API key provided: {KEY}."}}))
+    error = upstream_error(answer(401, json={"error": {"message": f"Incorrect API key provided: {KEY}."}}))
     assert KEY not in str(error) and "[redacted]" in str(error)
 
 

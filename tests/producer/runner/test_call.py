@@ -1,7 +1,7 @@
 """One call's rules: what it publishes for each way an upstream behaves, retries, cancels and re-runs, on fakeredis.
 
-The upstream is an ``httpx.MockTransport``; backoff sleeps are recorded instead of slept, and cancels are
-checked by calling the CancelWatch directly, so nothing here depends on timing.
+The upstream is a scripted server on loopback (tests/producer/scripted_upstream.py); backoff sleeps are recorded
+instead of slept, and cancels are checked by calling the CancelWatch directly, so nothing here depends on timing.
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import fakeredis
-import httpx
 import orjson
 import pytest
 
+from producer.apis import Api
 from producer.jobs import job_id
 from producer.runner.call import CANCELLED, CancelWatch, Outcome
 from producer.runner.calls import Calls
 from producer.runner.loop import runner_lost
+from streamfold.capture import CapturedItem
 from streamfold.contract import Envelope, decode_envelope, decode_error
 from streamfold.keys import Keys
 from streamfold.settings import Settings
 from tests.conftest import SEEDS, load_jsonl
+from tests.producer.scripted_upstream import Handler, ScriptedUpstream, answer, events
 from worker import assemble
 from worker.request import RequestState
 
@@ -33,22 +35,8 @@ RID = "req-1"
 FIXTURE = SEEDS / "qwen_mt_flash_incremental.jsonl"
 BODY = {"model": "qwen_mt_flash_incremental", "messages": [{"role": "user", "content": "hi"}]}
 
-Handler = Callable[[httpx.Request], httpx.Response]
-
 
 # --- fakes ---------------------------------------------------------------------------------------------------
-
-class Upstreams:
-    """A scripted upstream: each call takes the next handler; records every request."""
-
-    def __init__(self, *handlers: Handler) -> None:
-        self.handlers = list(handlers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.handlers.pop(0)(request)
-
 
 class Sleeps:
     """Records backoff waits instead of waiting; ``then`` runs after each (to cancel mid-wait)."""
@@ -63,37 +51,28 @@ class Sleeps:
             await self.then(len(self.calls))
 
 
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, parts: AsyncIterator[bytes]) -> None:
-        self.parts = parts
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self.parts:
-            yield part
-
-
 def chunks_of(path: Path = FIXTURE) -> list[bytes]:
     return load_jsonl(path)
 
 
 def streaming(lines: list[bytes], *, drop_after: int | None = None, error: bytes | None = None,
               on_chunk: Callable[[int], Awaitable[None]] | None = None) -> Handler:
-    """A 200 event stream of ``lines``: cut after ``drop_after``, or ending with an error event."""
+    """A 200 event stream of ``lines``, a write per event: cut after ``drop_after``, or ending with an error
+    event; ``on_chunk(number)`` runs before each chunk is sent."""
     async def parts() -> AsyncIterator[bytes]:
-        for number, line in enumerate(lines):
-            if number == drop_after:
-                raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+        for number, line in enumerate(lines[:drop_after]):
             if on_chunk is not None:
                 await on_chunk(number)
             yield b"data: " + line + b"\n\n"
-        yield b"event: error\ndata: " + error + b"\n\n" if error is not None else b"data: [DONE]\n\n"
+        if drop_after is None:
+            yield b"event: error\ndata: " + error + b"\n\n" if error is not None else b"data: [DONE]\n\n"
 
-    return lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_Stream(parts()))
+    return events(parts, cut=drop_after is not None)
 
 
 def status(code: int, message: str = "nope", retry_after: str | None = None) -> Handler:
     headers = {} if retry_after is None else {"retry-after": retry_after}
-    return lambda request: httpx.Response(code, headers=headers, json={"error": {"message": message}})
+    return answer(code, headers=headers, json={"error": {"message": message}})
 
 
 @pytest.fixture
@@ -116,21 +95,27 @@ def settings(namespace: str) -> Settings:
                                            "mode": "incremental"}})
 
 
-def perform(server: fakeredis.FakeServer, settings: Settings, upstream: Upstreams, *, sleep: Sleeps | None = None,
-            adopted: bool = False, meta: dict[str, Any] | None = None,
-            during: Callable[[Calls], Awaitable[None]] | None = None) -> tuple[Outcome, int]:
-    """Run one call to its end; returns its outcome and the upstream calls it made."""
+def perform(server: fakeredis.FakeServer, settings: Settings, upstream: ScriptedUpstream, *,
+            sleep: Sleeps | None = None, adopted: bool = False, meta: dict[str, Any] | None = None) -> tuple[Outcome, int]:
+    """Run one call to its end against ``upstream``; returns its outcome and the upstream calls it made."""
     async def go() -> tuple[Outcome, int]:
         client = fakeredis.FakeAsyncRedis(server=server)
-        async with Calls(settings, client, environ={KEY_ENV: KEY}, transport=httpx.MockTransport(upstream),
-                         sleep=sleep or Sleeps()) as calls:
-            PERFORMING.append(calls)
-            call, problem = calls.call(RID, "default", BODY, meta or {"user": "u1"}, adopted=adopted)
-            outcome = await calls.run(call, problem)
+        async with upstream:
+            async with Calls(answered_by(settings, upstream), client, environ={KEY_ENV: KEY},
+                             sleep=sleep or Sleeps()) as calls:
+                PERFORMING.append(calls)
+                call, problem = calls.call(RID, "default", BODY, meta or {"user": "u1"}, adopted=adopted)
+                outcome = await calls.run(call, problem)
         await client.aclose()
         return outcome, call.calls
     PERFORMING.clear()
     return asyncio.run(go())
+
+
+def answered_by(settings: Settings, upstream: ScriptedUpstream) -> Settings:
+    """``settings`` with the default upstream at the scripted server."""
+    default = settings.upstream("default").model_copy(update={"base_url": upstream.url()})
+    return settings.model_copy(update={"upstreams": {**settings.upstreams, "default": default}})
 
 
 PERFORMING: list[Calls] = []  # the Calls of the run in progress, for fakes that cancel mid-call
@@ -141,6 +126,15 @@ async def cancel_now(redis: fakeredis.FakeRedis, keys: Keys) -> None:
     redis.set(keys.cancel(RID), CANCELLED)
     await PERFORMING[0].cancels.check()
     await asyncio.sleep(0)  # the interrupted call runs on from here
+
+
+async def published(redis: fakeredis.FakeRedis, keys: Keys, count: int) -> None:
+    """Wait until ``count`` envelopes of the request are in Redis (the batcher sends them within milliseconds)."""
+    for _ in range(500):
+        if redis.xlen(keys.chunks(RID)) >= count:
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"{count} envelopes were never published")
 
 
 def envelopes(redis: fakeredis.FakeRedis, keys: Keys, request_id: str = RID) -> list[Envelope]:
@@ -165,7 +159,7 @@ def worker_record(redis: fakeredis.FakeRedis, keys: Keys) -> dict[str, Any]:
 def test_a_clean_stream_is_published_as_start_each_raw_chunk_and_end(server: fakeredis.FakeServer,
                                                                       redis: fakeredis.FakeRedis,
                                                                       settings: Settings) -> None:
-    upstream = Upstreams(streaming(chunks_of()))
+    upstream = ScriptedUpstream(streaming(chunks_of()))
     outcome, calls = perform(server, settings, upstream)
 
     keys, published = settings.keys, envelopes(redis, settings.keys)
@@ -188,7 +182,7 @@ def test_an_error_event_fails_the_request_with_the_upstreams_error(server: faker
                                                                    redis: fakeredis.FakeRedis,
                                                                    settings: Settings) -> None:
     error = b'{"error": {"message": "model overloaded", "type": "server_error"}}'
-    outcome, _ = perform(server, settings, Upstreams(streaming(chunks_of()[:2], error=error)))
+    outcome, _ = perform(server, settings, ScriptedUpstream(streaming(chunks_of()[:2], error=error)))
     assert outcome == "failed"
     assert kinds(redis, settings.keys) == [("start", 0), ("chunk", 0), ("chunk", 0), ("error", 0)]
     assert worker_record(redis, settings.keys)["error"]["message"] == "model overloaded"
@@ -198,7 +192,7 @@ def test_a_malformed_chunk_is_pushed_as_it_came_for_the_worker_to_reject(server:
                                                                          redis: fakeredis.FakeRedis,
                                                                          settings: Settings) -> None:
     lines = [chunks_of()[0], b"{not json", chunks_of()[1]]
-    assert perform(server, settings, Upstreams(streaming(lines)))[0] == "ended"
+    assert perform(server, settings, ScriptedUpstream(streaming(lines)))[0] == "ended"
     assert [e.payload for e in envelopes(redis, settings.keys) if e.kind == "chunk"][1] == b"{not json"
     assert worker_record(redis, settings.keys)["error"]["type"] == "invalid_chunk"
 
@@ -221,7 +215,7 @@ def test_a_429_is_retried_after_its_retry_after_without_a_new_attempt(server: fa
                                                                       redis: fakeredis.FakeRedis,
                                                                       settings: Settings) -> None:
     sleeps = Sleeps()
-    outcome, calls = perform(server, settings, Upstreams(status(429, retry_after="3"), streaming(chunks_of())),
+    outcome, calls = perform(server, settings, ScriptedUpstream(status(429, retry_after="3"), streaming(chunks_of())),
                              sleep=sleeps)
     assert (outcome, calls, sleeps.calls) == ("ended", 2, [3.0])
     assert {attempt for _, attempt in kinds(redis, settings.keys)} == {0}
@@ -231,7 +225,7 @@ def test_server_errors_are_retried_with_growing_backoff_then_fail_with_the_statu
         server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     sleeps = Sleeps()
     settings = settings.model_copy(update={"upstream_retries": 2})
-    outcome, calls = perform(server, settings, Upstreams(*[status(500, "The server had an error")] * 3), sleep=sleeps)
+    outcome, calls = perform(server, settings, ScriptedUpstream(*[status(500, "The server had an error")] * 3), sleep=sleeps)
 
     assert (outcome, calls) == ("failed", 3)
     # backoff 1.0 doubling, with jitter between half and all of it: 0.5..1 then 1..2 seconds.
@@ -243,14 +237,14 @@ def test_server_errors_are_retried_with_growing_backoff_then_fail_with_the_statu
 
 def test_a_client_error_fails_at_once(server: fakeredis.FakeServer, redis: fakeredis.FakeRedis,
                                       settings: Settings) -> None:
-    assert perform(server, settings, Upstreams(status(400, "messages is required"))) == ("failed", 1)
+    assert perform(server, settings, ScriptedUpstream(status(400, "messages is required"))) == ("failed", 1)
     assert decode_error(envelopes(redis, settings.keys)[-1])["status"] == 400
 
 
 def test_a_retry_after_the_stream_broke_is_a_new_attempt_and_assembles_only_the_clean_one(
         server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     lines = chunks_of()
-    assert perform(server, settings, Upstreams(streaming(lines, drop_after=3), streaming(lines))) == ("ended", 2)
+    assert perform(server, settings, ScriptedUpstream(streaming(lines, drop_after=3), streaming(lines))) == ("ended", 2)
     assert kinds(redis, settings.keys) == ([("start", 0)] + [("chunk", 0)] * 3 + [("chunk", 1)] * len(lines)
                                            + [("end", 1)])
     record = worker_record(redis, settings.keys)
@@ -262,7 +256,7 @@ def test_a_stream_that_breaks_on_every_try_fails_with_the_last_attempts_partial_
         server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     lines = chunks_of()
     settings = settings.model_copy(update={"upstream_retries": 1})
-    upstream = Upstreams(streaming(lines, drop_after=2), streaming(lines, drop_after=4))
+    upstream = ScriptedUpstream(streaming(lines, drop_after=2), streaming(lines, drop_after=4))
     assert perform(server, settings, upstream) == ("failed", 2)
     assert kinds(redis, settings.keys)[-1] == ("error", 1)
     record = worker_record(redis, settings.keys)
@@ -276,9 +270,10 @@ def test_a_cancel_between_chunks_stops_the_call_and_fails_the_request_cancelled(
         server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     async def cancel_at(number: int) -> None:
         if number == 4:
+            await published(redis, settings.keys, 1 + 4)  # the start and the four chunks sent so far
             await cancel_now(redis, settings.keys)
 
-    assert perform(server, settings, Upstreams(streaming(chunks_of(), on_chunk=cancel_at)))[0] == "cancelled"
+    assert perform(server, settings, ScriptedUpstream(streaming(chunks_of(), on_chunk=cancel_at)))[0] == "cancelled"
     assert kinds(redis, settings.keys) == [("start", 0)] + [("chunk", 0)] * 4 + [("error", 0)]
     assert decode_error(envelopes(redis, settings.keys)[-1])["type"] == "cancelled"
 
@@ -289,7 +284,7 @@ def test_a_cancel_during_a_backoff_wait_ends_the_wait(server: fakeredis.FakeServ
         await cancel_now(redis, settings.keys)
         await asyncio.sleep(1)  # the wait the cancel cuts short
 
-    outcome, calls = perform(server, settings, Upstreams(status(503, retry_after="5")), sleep=Sleeps(cancel_in_wait))
+    outcome, calls = perform(server, settings, ScriptedUpstream(status(503, retry_after="5")), sleep=Sleeps(cancel_in_wait))
     assert (outcome, calls) == ("cancelled", 1)
     assert decode_error(envelopes(redis, settings.keys)[-1])["type"] == "cancelled"
 
@@ -297,7 +292,7 @@ def test_a_cancel_during_a_backoff_wait_ends_the_wait(server: fakeredis.FakeServ
 def test_a_job_that_finds_its_request_cancelled_publishes_nothing(server: fakeredis.FakeServer,
                                                                   redis: fakeredis.FakeRedis, settings: Settings) -> None:
     redis.set(settings.keys.cancel(RID), CANCELLED)
-    upstream = Upstreams(streaming(chunks_of()))
+    upstream = ScriptedUpstream(streaming(chunks_of()))
     assert perform(server, settings, upstream) == ("skipped", 0)
     assert upstream.requests == [] and redis.exists(settings.keys.chunks(RID)) == 0
 
@@ -305,7 +300,7 @@ def test_a_job_that_finds_its_request_cancelled_publishes_nothing(server: fakere
 def test_an_adopted_call_found_cancelled_publishes_the_cancel_its_lost_runner_owed(
         server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     redis.set(settings.keys.cancel(RID), CANCELLED)  # the lost runner had claimed it; cancel only raised the flag
-    upstream = Upstreams(streaming(chunks_of()))
+    upstream = ScriptedUpstream(streaming(chunks_of()))
     assert perform(server, settings, upstream, adopted=True) == ("cancelled", 0)
     assert upstream.requests == []
     assert [kind for kind, _ in kinds(redis, settings.keys)] == ["start", "error"]
@@ -353,12 +348,12 @@ def test_a_rerun_supersedes_what_the_lost_run_published_without_starting_again(
         server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     lines, keys = chunks_of(), settings.keys
     settings = settings.model_copy(update={"upstream_retries": 0})
-    assert perform(server, settings, Upstreams(streaming(lines, drop_after=2)))[0] == "failed"
+    assert perform(server, settings, ScriptedUpstream(streaming(lines, drop_after=2)))[0] == "failed"
     (last_id, _), = redis.xrevrange(keys.chunks(RID), count=1)
     redis.xdel(keys.chunks(RID), last_id)  # as if the first run had died after two chunks
     control = redis.xlen(keys.requests(keys.shard(RID)))
 
-    assert perform(server, settings, Upstreams(streaming(lines)), adopted=True)[0] == "ended"
+    assert perform(server, settings, ScriptedUpstream(streaming(lines)), adopted=True)[0] == "ended"
     assert kinds(redis, keys)[-1] == ("end", 1)
     assert [kind for kind, _ in kinds(redis, keys)].count("start") == 1
     assert redis.xlen(keys.requests(keys.shard(RID))) == control  # not handed to the workers a second time
@@ -369,11 +364,11 @@ def test_a_rerun_after_a_run_that_retried_starts_above_every_earlier_attempt(
         server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     lines, keys = chunks_of(), settings.keys
     # The first run is cut twice after chunks were pushed (attempts 0 and 1), then its third call fails.
-    first = Upstreams(streaming(lines, drop_after=2), streaming(lines, drop_after=3), streaming(lines, drop_after=1))
+    first = ScriptedUpstream(streaming(lines, drop_after=2), streaming(lines, drop_after=3), streaming(lines, drop_after=1))
     assert perform(server, settings.model_copy(update={"upstream_retries": 2}), first)[0] == "failed"
     (last_id, _), = redis.xrevrange(keys.chunks(RID), count=1)
     redis.xdel(keys.chunks(RID), last_id)  # as if the first run had died in its third attempt
-    assert perform(server, settings, Upstreams(streaming(lines)))[0] == "ended"
+    assert perform(server, settings, ScriptedUpstream(streaming(lines)))[0] == "ended"
     assert kinds(redis, keys)[-1] == ("end", 3)
     record = worker_record(redis, keys)
     assert record["status"] == "completed" and record["completion"] == assemble(lines)["completion"]
@@ -382,8 +377,8 @@ def test_a_rerun_after_a_run_that_retried_starts_above_every_earlier_attempt(
 def test_a_rerun_of_a_call_whose_stream_already_ended_calls_nobody(server: fakeredis.FakeServer,
                                                                    redis: fakeredis.FakeRedis,
                                                                    settings: Settings) -> None:
-    assert perform(server, settings, Upstreams(streaming(chunks_of())))[0] == "ended"
-    upstream = Upstreams(streaming(chunks_of()))
+    assert perform(server, settings, ScriptedUpstream(streaming(chunks_of())))[0] == "ended"
+    upstream = ScriptedUpstream(streaming(chunks_of()))
     assert perform(server, settings, upstream, adopted=True) == ("ended", 0)
     assert upstream.requests == [] and [kind for kind, _ in kinds(redis, settings.keys)].count("end") == 1
 
@@ -392,7 +387,7 @@ def test_a_call_that_may_not_be_rerun_again_fails_runner_lost_in_its_newest_atte
         server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
     lines = chunks_of()
     settings = settings.model_copy(update={"upstream_retries": 1})
-    perform(server, settings, Upstreams(streaming(lines, drop_after=2), streaming(lines, drop_after=4)))
+    perform(server, settings, ScriptedUpstream(streaming(lines, drop_after=2), streaming(lines, drop_after=4)))
     (last_id, _), = redis.xrevrange(settings.keys.chunks(RID), count=1)
     redis.xdel(settings.keys.chunks(RID), last_id)  # the run died in its attempt 1
 
@@ -407,11 +402,13 @@ def test_a_call_that_may_not_be_rerun_again_fails_runner_lost_in_its_newest_atte
 
 
 def test_a_call_that_crashes_fails_its_request_and_reraises(server: fakeredis.FakeServer, redis: fakeredis.FakeRedis,
-                                                            settings: Settings) -> None:
-    def broken(request: httpx.Request) -> httpx.Response:
+                                                            settings: Settings,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Api, event: bytes, data: bytes) -> CapturedItem:
         raise RuntimeError("a bug")
 
+    monkeypatch.setattr(Api, "item", broken)
     with pytest.raises(RuntimeError):
-        perform(server, settings, Upstreams(broken))
+        perform(server, settings, ScriptedUpstream(streaming(chunks_of())))
     assert decode_error(envelopes(redis, settings.keys)[-1])["type"] == "producer_error"
 

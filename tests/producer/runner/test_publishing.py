@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,28 +19,27 @@ from streamfold.keys import Keys
 
 
 class Flaky:
-    """A fakeredis client whose pipelines fail with a lost connection while ``down`` is set."""
+    """A fakeredis client whose connections are lost while ``down`` is set; ``sends`` counts the batches sent."""
 
     def __init__(self, server: fakeredis.FakeServer) -> None:
         self.real = fakeredis.FakeAsyncRedis(server=server)
         self.down = False
         self.sends = 0
+        flaky = self
+
+        class Connection(self.real.connection_pool.connection_class):  # type: ignore[name-defined,misc]
+            async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                packed = command if isinstance(command, bytes) else b"".join(command)
+                flaky.sends += b"\r\nXADD\r\n" in packed  # a batch, not the connection's handshake
+                if flaky.down:
+                    raise redis.ConnectionError("Connection refused")
+                await super().send_packed_command(command, check_health)
+
+        self.connection_pool = SimpleNamespace(connection_class=Connection,
+                                               connection_kwargs=self.real.connection_pool.connection_kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
-
-    def pipeline(self, transaction: bool = True) -> Any:
-        pipe = self.real.pipeline(transaction=transaction)
-        execute = pipe.execute
-
-        async def failing(raise_on_error: bool = True) -> Any:
-            self.sends += 1
-            if self.down:
-                raise redis.ConnectionError("Connection refused")
-            return await execute(raise_on_error=raise_on_error)
-
-        pipe.execute = failing  # type: ignore[method-assign]
-        return pipe
 
 
 @pytest.fixture
@@ -65,6 +65,11 @@ def streams(batcher: Batcher, keys: Keys, count: int) -> list[RequestStream]:
 def chunks(server: fakeredis.FakeServer, keys: Keys, request_id: str) -> list[bytes]:
     client = fakeredis.FakeRedis(server=server)
     return [decode_envelope(fields).payload for _, fields in client.xrange(keys.chunks(request_id))]
+
+
+def kinds(server: fakeredis.FakeServer, keys: Keys, request_id: str) -> list[str]:
+    client = fakeredis.FakeRedis(server=server)
+    return [decode_envelope(fields).kind for _, fields in client.xrange(keys.chunks(request_id))]
 
 
 def test_the_chunks_of_a_thousand_calls_go_to_redis_together_in_one_round_trip(keys: Keys) -> None:
@@ -157,3 +162,18 @@ def test_a_command_redis_refuses_for_good_is_not_retried() -> None:
 
     with pytest.raises(redis.ResponseError):
         asyncio.run(patiently(command, "claiming a request"))
+
+
+def test_a_start_reaches_a_redis_that_lacks_the_script_which_is_loaded_then_sent_again(keys: Keys) -> None:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+
+    async def scenario() -> None:
+        async with batching(client, flush_s=0.001) as batcher:
+            first, second = streams(batcher, keys, 2)
+            await first.start({}, "auto", "chat")
+            await client.script_flush()  # a restarted Redis, or one failed over to
+            await asyncio.gather(second.start({}, "auto", "chat"), first.push(b"after"))
+
+    asyncio.run(scenario())
+    assert [kinds(server, keys, rid) for rid in ("r0", "r1")] == [["start", "chunk"], ["start"]]

@@ -209,6 +209,30 @@ def test_a_job_that_is_not_a_streamfold_call_is_failed_never_run(pipeline: Rig, 
     pipeline.request_ids.append(job.id)
 
 
+def test_jobs_that_ended_together_are_marked_finished_in_rq_and_a_dependent_is_still_enqueued(pipeline: Rig) -> None:
+    calls = [pipeline.enqueue() for _ in range(3)]
+    queue = Queue(pipeline.settings.queue, connection=pipeline.client)
+    dependent = queue.enqueue(operator.add, 1, 2, depends_on=pipeline.job(calls[2]))
+    pipeline.request_ids.append(dependent.id)
+    bridge = RqBridge(pipeline.client, pipeline.settings.queue, f"{pipeline.settings.namespace}-bridge", heartbeat_s=30)
+    bridge.join()
+    try:
+        taken, _ = bridge.take(10, None)
+        by_request = {str(item.kwargs["request_id"]): item for item in taken}
+        bridge.succeed_all([(by_request[rid], {"request_id": rid}) for rid in calls[:2]])  # one transaction
+        bridge.succeed_all([(by_request[calls[2]], {"request_id": calls[2]})])  # rq's own: it has a dependent
+    finally:
+        bridge.leave()
+    finished = FinishedJobRegistry(pipeline.settings.queue, connection=pipeline.client)
+    started = StartedJobRegistry(pipeline.settings.queue, connection=pipeline.client)
+    for request_id in calls:
+        job = pipeline.job(request_id)
+        assert job.get_status() == JobStatus.FINISHED and job.return_value() == {"request_id": request_id}
+        assert job.id in finished and job.id not in started
+    assert dependent.get_status(refresh=True) == JobStatus.QUEUED
+    assert int(pipeline.client.hget(bridge.worker.key, "successful_job_count") or 0) == 3
+
+
 @pytest.fixture
 def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of this test's own, so that it can be paused without stopping anyone else's."""
