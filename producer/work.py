@@ -39,6 +39,9 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
     settings.require("upstreams")
+    if not settings.upstreams:
+        raise ConfigError("STREAMFOLD_UPSTREAMS is not set: every call would fail with \"unknown upstream\"; set it "
+                          "to a JSON table of upstreams (`python -m producer mock-upstream` serves one to try with)")
     configure_logging(log_format or settings.log_format, level=logging.getLevelName(log_level))
     redacting = RedactingFilter(configured_secrets(settings))
     for handler in logging.getLogger().handlers:

@@ -39,7 +39,8 @@ def check(client: redis.Redis, settings: Settings) -> tuple[bool, str]:
                 if mine is None:
                     return False, f"no consumer group {group!r} on {keys.requests(shard)}: no worker has joined"
                 groups.append(mine)
-            live = sum(is_fresh(record, now_ms, settings) for record in read_worker_records(raw_records).values())
+            records = read_worker_records(raw_records)
+            live = sum(is_fresh(record, now_ms) for record in records.values())
             if live:
                 return True, f"{live} live workers"
             with r.pipeline(transaction=False) as pipe:
@@ -52,8 +53,10 @@ def check(client: redis.Redis, settings: Settings) -> tuple[bool, str]:
     except redis.RedisError as exc:
         return False, f"Redis error: {type(exc).__name__}: {exc}"
     consumers, oldest = replies[0::2], replies[1::2]
-    if any(member["idle"] <= limit_ms for members in consumers for member in members):
-        return True, "a consumer of the group is active"
+    # A consumer whose worker's record went stale touched Redis lately only because it died lately.
+    if any(member["idle"] <= limit_ms and member["name"].decode() not in records
+           for members in consumers for member in members):
+        return True, "a consumer of the group without a stats record is active"
     waiting = [now_ms - parse_id(entries[0][0])[0] for entries in oldest if entries]
     if waiting and max(waiting) > limit_ms:
         return False, f"no live worker, and a request has waited {max(waiting) / 1000:.1f} s unclaimed"

@@ -1,6 +1,6 @@
 """The worker pool's housekeeping, and each worker's stats record: the Redis seam for both.
 
-    publish           write this worker's stats record (``Keys.workers()``), at every heartbeat
+    publish           write this worker's stats record (``Keys.workers()``), its heartbeat, every few seconds
     withdraw          delete it, when the worker leaves cleanly
     run               once a round for the whole pool, by the worker that takes the lease:
       reap_consumers    remove consumers of dead workers once they hold nothing pending
@@ -49,19 +49,34 @@ from worker.broker import lua_source, next_id, parse_id
 from worker.metrics import WorkerRecord, decode_worker_record, encode_worker_record
 
 ConsumerState = Literal["live", "quiet", "dead"]
+RecordState = Literal["fresh", "stale"] | None
+
+# A worker publishes its stats record this often at most (less when the claim timeout is short): the
+# heartbeat its liveness is read from.
+RECORD_EVERY_S = 2.0
+# A record is stale after this many missed refreshes, plus a second of clock skew between hosts.
+_MISSES, _SKEW_MS = 3, 1_000
 
 
-def consumer_state(pending: int, idle_ms: int, fresh_record: bool, settings: Settings) -> ConsumerState:
-    """What a consumer of the worker group is, from what Redis shows.
+def consumer_state(pending: int, idle_ms: int, record: RecordState, settings: Settings) -> ConsumerState:
+    """What a consumer of the worker group is, from its worker's own heartbeat first.
 
-    live: its worker published a stats record within a claim timeout, or it touched Redis within one.
-    dead: no fresh record and either it holds pending entries but has not heartbeated for a claim timeout
-    (peers recover them), or it has been silent for ``dead_consumer_idle`` (housekeeping removes it).
-    quiet: neither - silent for a while, holding nothing.
+    live: its worker's stats record is fresh (``is_fresh``).
+    dead: its record went stale - the worker was killed, or hangs - or, for a consumer without a record
+    (forgotten, or written by a worker that never published one), it holds pending entries and has not read
+    for a claim timeout, or has been silent for ``dead_consumer_idle``. Peers recover what a dead consumer
+    holds once its claims are a claim timeout old; housekeeping removes it once it holds nothing.
+    quiet: a consumer without a record otherwise.
+
+    How recently a consumer touched Redis never makes it live: a worker SIGKILLed a second ago touched Redis
+    a second ago. Every worker publishes its record before its first read, so only consumers of something
+    else, or forgotten ones, have none.
     """
-    if fresh_record or idle_ms <= settings.claim_timeout * 1000:
+    if record == "fresh":
         return "live"
-    if pending or idle_ms >= settings.dead_consumer_idle * 1000:
+    if record == "stale":
+        return "dead"
+    if pending and idle_ms > settings.claim_timeout * 1000 or idle_ms >= settings.dead_consumer_idle * 1000:
         return "dead"
     return "quiet"
 
@@ -124,7 +139,7 @@ class Housekeeper:
             records = self.records()
             done.workers_forgotten = self.forget_workers(records, now_ms)
             done.consumers_removed = self.reap_consumers(
-                {name for name, record in records.items() if is_fresh(record, now_ms, self._settings)})
+                {name for name, record in records.items() if is_fresh(record, now_ms)})
             done.trimmed = {**self.trim_control(), **self.trim_outputs(now_ms, done.problems)}
         except redis.ResponseError as exc:  # a command refused (an ACL, say): housekeeping never stops a worker
             done.problems.append(str(exc))
@@ -218,7 +233,11 @@ def redis_time_ms(reply: Any) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def is_fresh(record: WorkerRecord, now_ms: int, settings: Settings) -> bool:
-    """Whether a stats record was refreshed within a claim timeout: its worker is alive."""
-    return record["updated_at_ms"] >= now_ms - settings.claim_timeout * 1000
+def is_fresh(record: WorkerRecord, now_ms: int) -> bool:
+    """Whether a stats record missed fewer than three of its refreshes: its worker is alive."""
+    return record["updated_at_ms"] >= now_ms - _MISSES * record["every_ms"] - _SKEW_MS
+
+
+def record_state(record: WorkerRecord | None, now_ms: int) -> RecordState:
+    return None if record is None else "fresh" if is_fresh(record, now_ms) else "stale"
 

@@ -51,13 +51,13 @@ NO_MODEL = "(none)"
 
 
 class WorkerRecord(TypedDict):
-    """A worker's stats record, published under ``Keys.workers()`` at every heartbeat.
+    """A worker's stats record, published under ``Keys.workers()`` every ``every_ms``: its heartbeat.
 
     Totals since the worker started: ``finished`` requests (published or not), their ``chunks``, and
     ``held_ms``, the time they held a slot from claim to finish - so ``held_ms / finished`` is the mean hold
     time the worker-count recommendation rests on. ``updated_at_ms`` is the worker's wall clock, read against
-    Redis's by ``stats`` and ``health`` (hosts keep NTP time; a skew well below the claim timeout does not
-    matter): a record not refreshed within a claim timeout belongs to a worker that is gone.
+    Redis's by ``stats`` and ``health`` (hosts keep NTP time; a skew below a second does not matter): a record
+    not refreshed for three of its own intervals belongs to a worker that is gone (``housekeeping.is_fresh``).
     """
 
     finished: int
@@ -67,6 +67,11 @@ class WorkerRecord(TypedDict):
     updated_at_ms: int
     in_flight: int
     concurrency: int
+    every_ms: int
+
+
+# Records written before ``every_ms`` existed were refreshed every claim timeout / 3 (10 s by default).
+_EVERY_MS_BEFORE = 10_000
 
 
 def encode_worker_record(record: WorkerRecord) -> bytes:
@@ -77,8 +82,9 @@ def decode_worker_record(raw: bytes | str) -> WorkerRecord:
     """A published stats record; ContractError when it is not one."""
     try:
         body: Any = orjson.loads(raw)
+        body.setdefault("every_ms", _EVERY_MS_BEFORE)
         return cast(WorkerRecord, {name: int(body[name]) for name in WorkerRecord.__annotations__})
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ContractError(f"not a worker stats record: {raw!r:.200}") from exc
 
 
@@ -180,11 +186,11 @@ class WorkerMetrics:
     def redis_error(self) -> None:
         self._redis_errors.inc()
 
-    def record(self, in_flight: int) -> WorkerRecord:
-        """The stats record to publish now."""
+    def record(self, in_flight: int, every_s: float) -> WorkerRecord:
+        """The stats record to publish now, by a worker that publishes one every ``every_s`` seconds."""
         return WorkerRecord(finished=self._finished, chunks=self._chunk_total, held_ms=self._held_ms,
                             started_at_ms=self._started_at_ms, updated_at_ms=self._clock_ms(), in_flight=in_flight,
-                            concurrency=self._concurrency)
+                            concurrency=self._concurrency, every_ms=round(every_s * 1000))
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve the registry at ``http://addr:port/metrics`` from a daemon thread; returns the bound port

@@ -30,7 +30,7 @@ from streamfold.errors import ConfigError, RedisRefused, RedisUnavailable
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings, load_settings
 from worker.broker import Broker, Claim, Finish, StreamsRefused
-from worker.housekeeping import Housekept, Housekeeper
+from worker.housekeeping import RECORD_EVERY_S, Housekept, Housekeeper
 from worker.limits import Limits
 from worker.metrics import WorkerMetrics, now_ms
 from worker.pricing import PriceBook
@@ -83,6 +83,8 @@ class Worker:
         self._backoff = Backoff()
         now = clock()
         self._heartbeat = Every(settings.claim_timeout / 3, now)
+        self._record_every = min(settings.claim_timeout / 3, RECORD_EVERY_S)
+        self._record = Every(self._record_every, now)
         self._recovery = Every(settings.claim_timeout / 2, now, at_start=True)
         self._housekeeping = Every(settings.claim_timeout, now, at_start=True)
         self._joined = False
@@ -125,6 +127,7 @@ class Worker:
         self._expire_stalled()
         self._finish_ended()
         self._heartbeat_if_due()
+        self._publish_stats_if_due()
         recovered = self._recover_if_due(force=self.burst and idle and not claimed)
         self._housekeep_if_due()
         self._check_done(idle=idle and not claimed and not recovered)
@@ -220,8 +223,13 @@ class Worker:
                     del self._requests[request_id]
                     self.metrics.lost(1)
                     self._log.warning("claim_lost", request_id=request_id)
-        self._publish_stats()
         self._heartbeat.reset(now)
+
+    def _publish_stats_if_due(self) -> None:
+        now = self._clock()
+        if self._record.due(now):
+            self._publish_stats()
+            self._record.reset(now)
 
     def _recover_if_due(self, *, force: bool) -> int:
         now = self._clock()
@@ -271,7 +279,7 @@ class Worker:
         return adopted
 
     def _publish_stats(self) -> None:
-        self.housekeeper.publish(self.metrics.record(len(self._requests)))
+        self.housekeeper.publish(self.metrics.record(len(self._requests), self._record_every))
 
     def _hand_back(self) -> None:
         self.broker.hand_back({rid: state.entries for rid, state in self._requests.items()})
@@ -290,7 +298,7 @@ class Worker:
         now = self._clock()
         if any(state.ended for state in self._requests.values()):
             return 0
-        deadlines = [self._heartbeat.next]
+        deadlines = [self._heartbeat.next, self._record.next]
         deadlines += [state.stall_deadline(self._settings.stall_timeout) for state in self._requests.values()]
         if self._drain_until is None:
             deadlines += [self._recovery.next, self._housekeeping.next]

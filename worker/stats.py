@@ -41,7 +41,7 @@ import redis
 from streamfold.connection import unavailable
 from streamfold.settings import Settings
 from worker.broker import parse_id
-from worker.housekeeping import consumer_state, is_fresh, read_worker_records, redis_time_ms
+from worker.housekeeping import consumer_state, is_fresh, read_worker_records, record_state, redis_time_ms
 from worker.metrics import WorkerRecord
 
 _ABSENT = ("no such key", "NOGROUP")
@@ -175,7 +175,7 @@ def report(first: Sample | None, last: Sample, settings: Settings, *, drain_s: f
                  "finishes_per_s": _round(max(0, last.streams["results_added"] - first.streams["results_added"])
                                           / seconds),
                  "backlog_growth_per_s": _round((last.backlog - first.backlog) / seconds)}
-    fresh = {name: record for name, record in last.records.items() if is_fresh(record, now, settings)}
+    fresh = {name: record for name, record in last.records.items() if is_fresh(record, now)}
     finished = sum(record["finished"] for record in fresh.values())
     mean_hold = sum(record["held_ms"] for record in fresh.values()) / 1000 / finished if finished else None
     slots = [record["concurrency"] for record in fresh.values()]
@@ -183,7 +183,7 @@ def report(first: Sample | None, last: Sample, settings: Settings, *, drain_s: f
     advice = recommend(arrivals_per_s=rates["arrivals_per_s"] if rates else None, backlog=last.backlog,
                        in_flight=last.in_flight, mean_hold_s=mean_hold, concurrency=concurrency, drain_s=drain_s,
                        live_workers=len(fresh))
-    workers = [_worker(name, last, fresh, settings) for name in sorted({*last.consumers, *last.records})]
+    workers = [_worker(name, last, settings) for name in sorted({*last.consumers, *last.records})]
     oldest = last.oldest_unclaimed_ms
     return {
         "namespace": settings.namespace, "group": settings.group, "shards": settings.shards,
@@ -251,12 +251,12 @@ def _shard(r: Any, shard: int, key: str, stream: Any, group: Any, oldest: Any) -
                        int(group["pending"]), added)
 
 
-def _worker(name: str, sample: Sample, fresh: Mapping[str, WorkerRecord], settings: Settings) -> dict[str, Any]:
+def _worker(name: str, sample: Sample, settings: Settings) -> dict[str, Any]:
     record = sample.records.get(name)
     seen_ms = None if record is None else max(0, sample.time_ms - record["updated_at_ms"])
     pending, idle_ms = sample.consumers.get(name, (0, seen_ms if seen_ms is not None else 0))
     finished = record["finished"] if record else None
-    return {"name": name, "state": consumer_state(pending, idle_ms, name in fresh, settings),
+    return {"name": name, "state": consumer_state(pending, idle_ms, record_state(record, sample.time_ms), settings),
             "pending": pending, "idle_s": idle_ms / 1000 if name in sample.consumers else None,
             "in_flight": record["in_flight"] if record else None,
             "concurrency": record["concurrency"] if record else None, "finished": finished,

@@ -24,7 +24,7 @@ def rig(client: redis.Redis, namespace: str) -> Rig:  # noqa: F811
 
 def _record(updated_at_ms: int) -> WorkerRecord:
     return WorkerRecord(finished=0, chunks=0, held_ms=0, started_at_ms=updated_at_ms, updated_at_ms=updated_at_ms,
-                        in_flight=0, concurrency=4)
+                        in_flight=0, concurrency=4, every_ms=2_000)
 
 
 def _consumers(rig: Rig) -> set[str]:

@@ -3,6 +3,7 @@ on constructed samples."""
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -10,18 +11,20 @@ import orjson
 import pytest
 import redis
 
-from pipeline_rig import Rig, recorded
+from pipeline_rig import Rig, recorded, wait_until
+from worker_processes import spawn  # noqa: F401  (a fixture)
 from streamfold.settings import Settings
 from worker.cli import main
-from worker.housekeeping import Housekeeper, consumer_state
-from worker.metrics import WorkerRecord
+from worker.health import check as check_health
+from worker.housekeeping import Housekeeper, consumer_state, record_state
+from worker.metrics import WorkerRecord, decode_worker_record, encode_worker_record
 from worker.stats import Sample, ShardSample, collect, recommend, report
 
 
 def _record(*, finished: int = 10, held_ms: int = 20_000, updated_at_ms: int, concurrency: int = 4,
             in_flight: int = 2) -> WorkerRecord:
     return WorkerRecord(finished=finished, chunks=finished * 13, held_ms=held_ms, started_at_ms=updated_at_ms - 60_000,
-                        updated_at_ms=updated_at_ms, in_flight=in_flight, concurrency=concurrency)
+                        updated_at_ms=updated_at_ms, in_flight=in_flight, concurrency=concurrency, every_ms=2_000)
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, url: str, settings: Settings) -> None:
@@ -60,7 +63,7 @@ def test_stats_reports_backlog_in_flight_consumers_and_streams_of_a_known_state(
     assert stats["streams"] == {"results": 4, "usage": 3, "dead_letters": 1}
     workers = {worker["name"]: worker for worker in stats["workers"]}
     assert {name: (w["state"], w["pending"]) for name, w in workers.items()} == {
-        "busy": ("live", 2), "crashed": ("dead", 1), "asking": ("live", 0)}
+        "busy": ("live", 2), "crashed": ("dead", 1), "asking": ("quiet", 0)}  # no record: never live
     assert workers["crashed"]["idle_s"] >= 0.6
     assert (workers["busy"]["finished"], workers["busy"]["mean_hold_s"], workers["busy"]["in_flight"]) == (10, 2.0, 2)
     assert stats["dead_consumers"] == ["crashed"]
@@ -184,13 +187,29 @@ def test_a_report_from_two_samples_takes_rates_from_their_difference_and_hold_ti
     assert stats["dead_consumers"] == []  # "gone" left a stats record, but no consumer in the group
 
 
-def test_a_consumer_is_dead_when_silent_a_claim_timeout_holding_work_or_the_dead_idle_holding_none() -> None:
+def test_a_worker_is_live_while_its_own_heartbeat_is_fresh_never_because_it_touched_redis_lately() -> None:
     settings = Settings(claim_timeout=30, dead_consumer_idle=600)
-    assert consumer_state(3, 31_000, False, settings) == "dead"
-    assert consumer_state(3, 31_000, True, settings) == "live"  # its worker still reports: busy, not dead
-    assert consumer_state(0, 31_000, False, settings) == "quiet"
-    assert consumer_state(0, 600_000, False, settings) == "dead"
-    assert consumer_state(3, 10_000, False, settings) == "live"
+    assert consumer_state(3, 31_000, "fresh", settings) == "live"  # its worker still reports: busy, not dead
+    assert consumer_state(3, 100, "stale", settings) == "dead"  # read 0.1 s ago, then SIGKILLed
+    assert consumer_state(0, 100, "stale", settings) == "dead"
+
+
+def test_a_consumer_without_a_record_is_dead_when_silent_a_claim_timeout_holding_work_or_the_dead_idle() -> None:
+    settings = Settings(claim_timeout=30, dead_consumer_idle=600)
+    assert consumer_state(3, 31_000, None, settings) == "dead"
+    assert consumer_state(0, 31_000, None, settings) == "quiet"
+    assert consumer_state(0, 600_000, None, settings) == "dead"
+    assert consumer_state(3, 10_000, None, settings) == "quiet"
+
+
+def test_a_record_goes_stale_after_three_missed_refreshes_and_a_second_of_clock_skew() -> None:
+    now = 1_000_000_000
+    assert record_state(_record(updated_at_ms=now - 7_000), now) == "fresh"  # every 2 s: 3 x 2 s + 1 s
+    assert record_state(_record(updated_at_ms=now - 7_001), now) == "stale"
+    assert record_state(None, now) is None
+    old = orjson.loads(encode_worker_record(_record(updated_at_ms=now - 20_000)))
+    del old["every_ms"]  # written before the field existed: refreshed every claim timeout / 3 then
+    assert record_state(decode_worker_record(orjson.dumps(old)), now) == "fresh"
 
 
 @pytest.mark.redis
@@ -205,3 +224,21 @@ def test_stats_counts_the_backlog_itself_where_redis_cannot_tell_the_lag(real_re
     assert rig.client.xinfo_groups(rig.keys.requests(0))[0]["lag"] is None
     stats = collect(rig.client, rig.settings, interval=0)
     assert stats["backlog"]["requests"] == 3
+
+
+@pytest.mark.redis
+def test_a_sigkilled_worker_shows_dead_within_seconds_not_after_a_claim_timeout(
+        real_redis: redis.Redis, real_redis_url: str, namespace: str, spawn: Any) -> None:
+    rig = Rig(real_redis, namespace, claim_timeout=30.0)
+
+    def states() -> dict[str, Any]:
+        stats = collect(rig.client, rig.settings, interval=0)
+        return {"live": stats["live_workers"], **{w["name"]: w["state"] for w in stats["workers"]}}
+
+    doomed = spawn("doomed", claim_timeout=30)
+    wait_until(lambda: states() == {"live": 1, "doomed": "live"}, what="the worker to report itself live")
+    doomed.signal(signal.SIGKILL)
+    doomed.wait()
+    # Three missed 2 s refreshes and a second of skew: dead after about 7 s, not the 30 s claim timeout.
+    wait_until(lambda: states() == {"live": 0, "doomed": "dead"}, timeout=15, what="the killed worker to show dead")
+    assert check_health(rig.client, rig.settings)[1].startswith("no live worker")
