@@ -258,6 +258,11 @@ def _usage(args: argparse.Namespace, settings: Settings) -> int:
         with connect(settings) as client:
             reader = UsageReader(client, settings.keys, group=args.group, consumer=args.consumer,
                                  from_start=args.from_start, count=settings.read_count)
+            existing = reader.create_groups()
+            if args.from_start and existing:
+                print(f"warning: consumer group {args.group!r} exists already and keeps its place: --from-start "
+                      "only places a new group. Name a new --group, or delete this one first "
+                      f"(redis-cli XGROUP DESTROY {existing[0]} {args.group})", file=sys.stderr)
             reader.consume(handle, follow=args.follows, block_ms=settings.block_ms)
     finally:
         if provider is not None:

@@ -157,8 +157,10 @@ class UsageReader:
         # Own pending entries are re-read from id 0 first; a stream leaves this map once it returns none.
         self._pending_from: dict[str, bytes] = {name: b"0" for name in self._streams}
 
-    def create_groups(self) -> None:
-        """Create the group on every usage stream, at its start or its end; an existing group is kept as is."""
+    def create_groups(self) -> list[str]:
+        """Create the group on every usage stream, at its start or its end; an existing group is kept as is
+        (``from_start`` does not move it back). Returns the streams where the group existed already."""
+        existing = []
         with redis_errors("creating usage consumer groups"):
             for name in self._streams:
                 try:
@@ -166,6 +168,8 @@ class UsageReader:
                 except redis.ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+                    existing.append(name)
+        return existing
 
     def read(self, *, block_ms: int | None = None) -> list[UsageEntry]:
         """The next events for this consumer: its own unacknowledged ones first, then new ones.

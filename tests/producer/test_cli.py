@@ -135,6 +135,23 @@ def test_usage_prints_each_event_once_per_group(env: dict[str, str], client: red
     assert len(json_lines(capsys.readouterr().out)) == 4
 
 
+def test_usage_from_start_on_a_group_made_earlier_says_it_keeps_its_place(
+        env: dict[str, str], client: redis.Redis, keys: Keys, capsys: pytest.CaptureFixture[str]) -> None:
+    publish_usage(client, keys, "before")
+    assert main(["usage"]) == 0  # a first look makes the group at the newest event: "before" is behind it
+    assert capsys.readouterr().out == ""
+    publish_usage(client, keys, "after")
+    assert main(["usage", "--from-start"]) == 0
+    out, err = capsys.readouterr()
+    assert [event["request_id"] for event in json_lines(out)] == ["after"]
+    assert "group 'analytics' exists already and keeps its place" in err
+    assert f"XGROUP DESTROY {keys.usage(0)} analytics" in err
+    assert main(["usage", "--from-start", "--group", "fresh"]) == 0
+    out, err = capsys.readouterr()
+    assert [event["request_id"] for event in json_lines(out)] == ["before", "after"]
+    assert "warning" not in err
+
+
 @pytest.mark.redis
 def test_results_follow_prints_new_results_and_ctrl_c_exits_0_quietly(env: dict[str, str], real_redis_url: str,
                                                                       keys: Keys) -> None:
