@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     play.add_argument("--rate", type=_positive(float), metavar="CHUNKS_PER_S",
                       help="pace pushes at this many chunks per second overall (default: as fast as possible)")
     play.add_argument("--mode", choices=MODES, default="auto", help="output mode told to workers (default: auto)")
+    play.add_argument("--open", type=_positive(int), default=1, metavar="N", dest="open_at_once",
+                      help="stream N requests at once, their chunks interleaved as concurrent calls arrive "
+                           "(default: 1, one request after another)")
 
     enqueue = _command(commands, "enqueue", _enqueue, _ENQUEUING, "enqueue a chat completion as an rq job",
                        "Enqueue one streamed chat completion for a job runner (`python -m producer work` or "
@@ -287,7 +290,8 @@ def _usage_summary(args: argparse.Namespace, settings: Settings) -> int:
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
     with connect(settings) as client, Publisher(client, settings.keys, max_age=settings.stream_max_age) as publisher:
-        request_ids = replay(publisher, args.files, copies=args.copies, rate=args.rate, mode=args.mode)
+        request_ids = replay(publisher, args.files, copies=args.copies, rate=args.rate, mode=args.mode,
+                             open_at_once=args.open_at_once)
     sys.stdout.write("".join(f"{request_id}\n" for request_id in request_ids))
     sys.stdout.flush()
     return 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -21,42 +22,54 @@ STDIN = "-"
 
 
 def replay(publisher: Publisher, files: Sequence[str | Path], *, copies: int = 1, rate: float | None = None,
-           mode: Mode = "auto") -> list[str]:
+           mode: Mode = "auto", open_at_once: int = 1) -> list[str]:
     """Push ``copies`` requests per capture file and return their ids, in input order.
 
     ``-`` reads a capture from stdin. Every file is read before anything is pushed, so a missing file
     pushes nothing. ``rate`` paces pushes at that many chunks per second overall; buffered entries are sent
-    before each pause, so workers see the stream arrive as a live one would.
+    before each pause, so workers see the stream arrive as a live one would. ``open_at_once`` requests stream
+    at the same time, their items interleaved one by one, as concurrent upstream calls would arrive (one at a
+    time by default: each request ends before the next starts).
     """
     if copies < 1:
         raise ValueError(f"copies must be at least 1, got {copies}")
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
+    if open_at_once < 1:
+        raise ValueError(f"open must be at least 1, got {open_at_once}")
     captures = [(_source_name(file), _read(file)) for file in files]
+    waiting = deque((source, items) for source, items in captures for _ in range(copies))
     pacer = _Pacer(publisher, rate)
     request_ids: list[str] = []
-    for source, items in captures:
-        for _ in range(copies):
+    streaming: deque[tuple[str, Iterator[CapturedItem]]] = deque()
+    while waiting or streaming:
+        while waiting and len(streaming) < open_at_once:
+            source, items = waiting.popleft()
             request_id = new_request_id()
             publisher.start(request_id, {"source": source}, mode)
-            _push_capture(publisher, request_id, items, pacer)
             request_ids.append(request_id)
+            streaming.append((request_id, iter(items)))
+        request_id, rest = streaming.popleft()
+        if _push_next(publisher, request_id, rest, pacer):
+            streaming.append((request_id, rest))
     publisher.flush()
     return request_ids
 
 
-def _push_capture(publisher: Publisher, request_id: str, items: Sequence[CapturedItem], pacer: _Pacer) -> None:
-    for item in items:
-        if item.kind == "chunk":
-            pacer.wait()
-            publisher.push(request_id, item.data)
-        elif item.kind == "error":
-            publisher.fail(request_id, item.error_body())
-            return
-        else:
-            publisher.end(request_id)
-            return
-    publisher.end(request_id)
+def _push_next(publisher: Publisher, request_id: str, items: Iterator[CapturedItem], pacer: _Pacer) -> bool:
+    """Push a request's next item; False once it has ended (its own ending, or an end where the capture stops)."""
+    item = next(items, None)
+    if item is None:
+        publisher.end(request_id)
+    elif item.kind == "chunk":
+        pacer.wait()
+        publisher.push(request_id, item.data)
+        return True
+    elif item.kind == "error":
+        publisher.fail(request_id, item.error_body())
+    else:
+        publisher.end(request_id)
+    return False
 
 
 def _source_name(file: str | Path) -> str:

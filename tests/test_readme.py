@@ -72,6 +72,10 @@ def test_every_runnable_readme_block_runs_as_written_in_one_shell(real_redis_url
     for line, _, _ in blocks:
         assert f"=== README line {line}" in output
     assert output.count('"status":"completed"') + output.count("completed ") >= 6, output[-6000:]
+    # The recovery recipe shows one: the killed worker dead holding requests, a peer's recovery, then nothing held.
+    held = [int(count) for count in re.findall(r"^doomed\s+dead\s+(\d+)", output, re.MULTILINE)]
+    assert len(held) == 2 and held[0] > 0 and held[1] == 0, held
+    assert "request_recovered" in output and "worker=survivor" in output
 
 
 def _stop_group(pgid: int) -> None:

@@ -95,6 +95,25 @@ def test_copies_are_separate_requests_listed_in_input_order(
     assert sources == [files[0].name] * 3 + [files[1].name] * 3
 
 
+def test_open_requests_stream_at_once_their_chunks_interleaved_each_still_byte_for_byte(
+        publisher: Publisher, fake_redis: fakeredis.FakeRedis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+    for verb in ("start", "push", "end"):
+        original = getattr(publisher, verb)
+        monkeypatch.setattr(publisher, verb, lambda rid, *args, _verb=verb, _original=original, **kwargs: (
+            calls.append((_verb, rid)), _original(rid, *args, **kwargs))[1])
+    files = [RECORDED / "groq_tool_call_whole_args.jsonl", RECORDED / "openai_refusal.jsonl"]
+    request_ids = replay(publisher, files, copies=3, open_at_once=4)
+    sources = [contract.decode_start(envelopes(fake_redis, keys, rid)[0]).meta["source"] for rid in request_ids]
+    assert sources == [files[0].name] * 3 + [files[1].name] * 3
+    for request_id, path in zip(request_ids, [files[0]] * 3 + [files[1]] * 3):
+        assert_replayed(fake_redis, keys, request_id, capture_lines(path), path.name)
+    first_end = next(n for n, (verb, _) in enumerate(calls) if verb == "end")
+    assert [rid for verb, rid in calls[:first_end] if verb == "start"] == request_ids[:4]  # four open at once
+    assert calls[4:8] == [("push", rid) for rid in request_ids[:4]]  # one chunk each, in turn
+    assert calls.index(("start", request_ids[4])) > first_end  # the fifth waits for a slot
+
+
 def test_a_capture_read_from_stdin(publisher: Publisher, fake_redis: fakeredis.FakeRedis, keys: Keys,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     lines = capture_lines(RECORDED / "mistral_tool_call_no_index.jsonl")
