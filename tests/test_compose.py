@@ -236,3 +236,28 @@ def test_grafana_is_provisioned_from_the_repository_with_the_compose_prometheus(
     home = environment(SERVICES["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     folder, _, file = home.rpartition("/")
     assert (grafana[folder] / file).is_file()
+
+
+def test_each_service_gets_only_the_settings_it_uses_so_a_bad_upstream_table_cannot_stop_the_workers() -> None:
+    holders = {name for name, service in SERVICES.items() if "STREAMFOLD_UPSTREAMS" in environment(service)}
+    assert holders == {"jobs", "gateway"}  # the call runners and the gateway; never the stream workers
+    assert {name for name, service in SERVICES.items()
+            if "STREAMFOLD_GATEWAY_KEYS" in environment(service)} == {"gateway"}
+
+
+def test_no_service_takes_a_host_port_a_local_redis_already_holds() -> None:
+    host_ports = {str(port).rsplit(":", 1)[0] for service in SERVICES.values() for port in service.get("ports", [])}
+    redis_port = next(str(p) for p in SERVICES["redis"]["ports"])
+    assert re.fullmatch(r"127\.0\.0\.1:\$\{STREAMFOLD_REDIS_HOST_PORT:-(\d+)\}:6379", redis_port)
+    assert not any(port.endswith(":6379") for port in host_ports)
+    assert re.search(r"STREAMFOLD_REDIS_HOST_PORT:-(\d+)", redis_port).group(1) != "6379"  # type: ignore[union-attr]
+
+
+def test_every_image_from_outside_the_project_is_a_pinned_release_and_so_is_what_it_installs() -> None:
+    for name, service in SERVICES.items():
+        if name in PROJECT:
+            continue
+        assert re.fullmatch(r"[a-z0-9./-]+:v?\d+\.\d+(\.\d+)?(-[a-z0-9.]+)?", service["image"]), f"{name}: pin a release"
+        for requirement in re.findall(r"pip install [^&]*", " ".join(argv(service.get("command", [])))):
+            packages = [word for word in requirement.split()[2:] if not word.startswith("-")]
+            assert packages and all(re.fullmatch(r"[a-z0-9_.-]+==[\d.]+", package) for package in packages), name
