@@ -38,6 +38,8 @@ def environment(**settings: str) -> dict[str, str]:
     env.update({f"STREAMFOLD_{name.upper()}": value for name, value in settings.items()})
     env.setdefault("STREAMFOLD_SOCKET_TIMEOUT", "2")
     env.setdefault("STREAMFOLD_BLOCK_MS", "100")
+    # Call runners and the gateway refuse to start without an upstream table; none is called here.
+    env.setdefault("STREAMFOLD_UPSTREAMS", '{"default": {"base_url": "http://127.0.0.1:9/v1"}}')
     return env
 
 
@@ -107,6 +109,15 @@ def test_a_bad_flag_gets_the_usage_of_its_command(command: tuple[str, ...]) -> N
     assert result.returncode == cli.USAGE
     assert result.stderr.startswith(f"usage: python -m {' '.join(command[:2])} ")
     assert "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_a_call_runner_without_an_upstream_table_refuses_to_start_rather_than_fail_every_call(
+        namespace: str) -> None:
+    env = environment(redis_url=TEST_REDIS_URL, namespace=namespace)
+    del env["STREAMFOLD_UPSTREAMS"]
+    result = run("producer", "work", "--burst", env=env)
+    assert result.returncode == cli.USAGE
+    assert "STREAMFOLD_UPSTREAMS is not set" in one_line(result, "producer")
 
 
 def test_an_upstream_table_that_cannot_be_read_stops_only_what_calls_upstreams(namespace: str,
