@@ -63,9 +63,12 @@ def envelopes(data: bytes) -> None:
 
 def capture(data: bytes) -> None:
     lines = data.splitlines(keepends=True)
-    for item in read_capture(lines):
-        if item.kind == "error":
-            item.error_body()
+    try:
+        for item in read_capture(lines):
+            if item.kind == "error":
+                item.error_body()
+    except ChunkError:  # a printed capture stops at the first object it cannot read
+        pass
     assembler = Assembler()
     for line in lines:
         try:

@@ -8,15 +8,23 @@ ends the stream; ``event: error`` marks its data as an upstream error. As the SS
 CR, LF or CRLF; an event's data may span several ``data:`` lines (joined with newlines) and is dispatched at
 the blank line after it; comments, ``id:`` and ``retry:`` are skipped. A capture also passes any other line
 on as a chunk, so that garbage is rejected where chunks are read.
+
+A capture may also be what an SDK printed (``print(chunk)``): each printed object, on one line or several,
+is parsed - never evaluated - by ``streamfold/sdk_repr.py`` and passed on as the JSON chunk it stands for.
+Every item of a capture carries the line it starts on, so that errors can name it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Literal
 
 import orjson
+
+from streamfold.errors import ChunkError
+from streamfold.sdk_repr import PrintedLines, looks_printed, parse_printed
 
 Item = Literal["chunk", "error", "done"]
 BOM = b"\xef\xbb\xbf"
@@ -26,6 +34,7 @@ BOM = b"\xef\xbb\xbf"
 class CapturedItem:
     kind: Item
     data: bytes = b""
+    line: int = field(default=0, compare=False)  # where a capture's item starts, from 1; 0 when not known
 
     def error_body(self) -> dict[str, Any] | str:
         """An error item's data: its JSON error body when it has one, its text otherwise."""
@@ -113,19 +122,54 @@ class SSEDecoder:
 
 
 def read_capture(lines: Iterable[bytes]) -> Iterator[CapturedItem]:
-    """Yield the chunks of a capture. The format is told by its first non-blank line."""
-    it = iter(lines)
-    for first in it:
+    """Yield the items of a capture, each with the line it starts on. The format - JSON Lines, printed SDK
+    objects or SSE - is told by its first non-blank line. A printed object that cannot be read is a
+    ChunkError naming its line."""
+    numbered = enumerate(lines, 1)
+    for number, first in numbered:
         if first.strip():
             break
     else:
         return
     if first.lstrip().startswith((b"{", b"[")):
-        yield CapturedItem("chunk", first.strip())
-        yield from (CapturedItem("chunk", line.strip()) for line in it if line.strip())
+        yield CapturedItem("chunk", first.strip(), number)
+        yield from (CapturedItem("chunk", line.strip(), number) for number, line in numbered if line.strip())
         return
+    reader = _read_printed if looks_printed(first) else _read_sse
+    yield from reader(chain([(number, first)], numbered))
+
+
+def _read_sse(numbered: Iterable[tuple[int, bytes]]) -> Iterator[CapturedItem]:
     decoder = SSEDecoder(other_lines=True)
-    yield from decoder.feed(first)
-    for line in it:
-        yield from decoder.feed(line)
-    yield from decoder.flush()
+    start = number = 0  # start: the first data line of the event being read
+    for number, line in numbered:
+        if not start and line.startswith(b"data"):
+            start = number
+        items = decoder.feed(line)
+        if items:
+            yield from (CapturedItem(item.kind, item.data, start or number) for item in items)
+            start = 0
+    yield from (CapturedItem(item.kind, item.data, start or number) for item in decoder.flush())
+
+
+def _read_printed(numbered: Iterable[tuple[int, bytes]]) -> Iterator[CapturedItem]:
+    gathered = PrintedLines()
+    start = 0  # the first line of the object being read
+    for number, line in numbered:
+        if not gathered.open:
+            start = number
+        try:
+            text = gathered.feed(line.decode("utf-8", "replace"))
+            if text is not None:
+                yield CapturedItem("chunk", _json(parse_printed(text)), start)
+        except ChunkError as exc:
+            raise ChunkError(f"line {start}: {exc}") from None
+    if gathered.open:
+        raise ChunkError(f"line {start}: a printed chunk starts here and never ends")
+
+
+def _json(fields: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(fields)
+    except orjson.JSONEncodeError as exc:
+        raise ChunkError(f"a printed chunk that cannot be written as JSON: {exc}") from None

@@ -16,12 +16,12 @@ from streamfold import cli
 from streamfold.acl import ROLES, setuser
 from streamfold.capture import read_capture
 from streamfold.connection import connect
-from streamfold.contract import FORMATS, MODES
+from streamfold.contract import FORMATS, MODES, ResultRecord
 from streamfold.errors import ConfigError, RedisUnavailable, StreamfoldError
 from streamfold.logs import LOG_FORMATS
 from streamfold.settings import load_settings
 from worker import health, runner, stats
-from worker.assembler import Assembler
+from worker.capture_streams import CaptureStreams
 
 STATS_HELP = """\
 Read the pool's state from Redis (nothing is written) in two samples --interval seconds apart:
@@ -72,13 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     add = _adder(commands)
 
     assemble = add(
-        "assemble", help="assemble captured streams and print one result record per file",
-        description=("Read captured streams - JSON Lines (one chunk per line) or SSE text such as `curl -N` "
-                     "prints - and print one result record per file, one JSON object per line. The stream "
-                     "may be OpenAI-compatible chat chunks, Anthropic Messages events, OpenAI Responses events "
-                     "or Gemini chunks, told by its first chunk unless --format names one. Needs no "
-                     "Redis. Exits 1 if a file cannot be read or holds a chunk that cannot be assembled; "
-                     "the error names the file and the chunk's position."))
+        "assemble", help="assemble captured streams and print one result record per stream",
+        description=("Read captured streams - JSON Lines (one chunk per line), SSE text such as `curl -N` "
+                     "prints, or chunks an SDK printed (print(chunk): ChatCompletionChunk(id=..., ...), on one "
+                     "line or several; parsed, never evaluated) - and print one result record per stream, one "
+                     "JSON object per line. A file whose chunks carry several ids holds several streams, even "
+                     "interleaved: each id gets its own record (FILE#1, FILE#2, ... in first-seen order); a "
+                     "chunk without an id stays with the stream before it. The stream may be OpenAI-compatible "
+                     "chat chunks, Anthropic Messages events, OpenAI Responses events or Gemini chunks, told by "
+                     "its first chunk unless --format names one. Needs no Redis. Exits 1 if a file cannot be "
+                     "read or holds a chunk that cannot be assembled; the error names the file and the line."))
     assemble.add_argument("files", nargs="+", metavar="FILE", help="a captured stream; - reads stdin")
     assemble.add_argument("--mode", choices=MODES, default="auto",
                           help=MODES_HELP)
@@ -86,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the stream's dialect: chat (chat.completion.chunk), anthropic (Messages events), "
                                "responses (OpenAI Responses events), gemini (GenerateContentResponse chunks); "
                                "auto: told by the first chunk (default)")
+    assemble.add_argument("--single", action="store_true",
+                          help="each file is one stream: a chunk id that differs from the first is an error "
+                               "naming its line (exit 1), instead of a record per id")
     assemble.set_defaults(handler=run_assemble)
 
     run = add(
@@ -216,10 +222,11 @@ def run_acl(args: argparse.Namespace) -> int:
 
 def run_assemble(args: argparse.Namespace) -> int:
     failed = False
+    format = None if args.format == "auto" else args.format
     for name in args.files:
         try:
-            record = _assemble_file(name, args.mode, None if args.format == "auto" else args.format)
-            line = orjson.dumps(record) + b"\n"
+            records = _assemble_file(name, CaptureStreams(args.mode, format, single=args.single))
+            lines = b"".join(orjson.dumps(record) + b"\n" for record in records)
         except (OSError, StreamfoldError) as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             failed = True
@@ -228,18 +235,14 @@ def run_assemble(args: argparse.Namespace) -> int:
             print(f"{name}: the result cannot be written as JSON: {exc}", file=sys.stderr)
             failed = True
             continue
-        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.write(lines)
         sys.stdout.flush()
     return 1 if failed else 0
 
 
-def _assemble_file(name: str, mode: Any, format: Any) -> dict[str, Any]:
-    assembler = Assembler(mode, format)
+def _assemble_file(name: str, streams: CaptureStreams) -> list[ResultRecord]:
     stream: BinaryIO = sys.stdin.buffer if name == "-" else open(name, "rb")
     with stream:
         for item in read_capture(stream):
-            if item.kind == "chunk":
-                assembler.feed(item.data)
-            elif item.kind == "error":
-                assembler.fail(item.error_body())
-    return dict(assembler.result(request_id=name, meta={"source": name}))
+            streams.feed(item)
+    return streams.results(name)

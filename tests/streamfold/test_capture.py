@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from streamfold.capture import CapturedItem, SSEDecoder, read_capture
+from streamfold.errors import ChunkError
 
 BODY = (b": keep-alive\r\n\r\n"
         b"data: {\"a\": 1}\n\n"
@@ -66,3 +67,31 @@ def test_a_capture_passes_lines_that_are_no_field_on_as_chunks_and_ends_its_last
 def test_a_json_lines_capture_is_one_chunk_per_line() -> None:
     assert list(read_capture([b'{"a": 1}\n', b"\n", b' {"b": 2}\n'])) == [CapturedItem("chunk", b'{"a": 1}'),
                                                                          CapturedItem("chunk", b'{"b": 2}')]
+
+
+def test_every_item_of_a_capture_carries_the_line_it_starts_on() -> None:
+    json_lines = [b"\n", b'{"a": 1}\n', b"\n", b'{"b": 2}\n']
+    sse = [b": hi\n", b"data: {\"a\":\n", b"data: 1}\n", b"\n", b"garbage\n", b"event: error\n", b"data: x\n", b"\n",
+           b"data: {\"b\": 2}"]
+    assert [item.line for item in read_capture(json_lines)] == [2, 4]
+    assert [(item.kind, item.line) for item in read_capture(sse)] == [("chunk", 2), ("chunk", 5), ("error", 7),
+                                                                      ("chunk", 9)]
+
+
+def test_a_capture_of_printed_sdk_objects_reads_as_their_json_chunks_one_or_many_lines_each() -> None:
+    lines = [b"\n", b"ChatCompletionChunk(id='a', choices=[], usage=None)\n", b"\n", b"ChatCompletionChunk(\n",
+             b"id=\"a\",\n", b"choices=[Choice(delta=ChoiceDelta(content=')'), index=0)],\n", b")\n"]
+    assert [(item.data, item.line) for item in read_capture(lines)] == [
+        (b'{"id":"a","choices":[],"usage":null}', 2), (b'{"id":"a","choices":[{"delta":{"content":")"},"index":0}]}', 4)]
+
+
+@pytest.mark.parametrize(("lines", "error"), [
+    ([b"Chunk(id='a')\n", b"Chunk(id=os.environ)\n"], "line 2: the attribute access os.environ is not allowed"),
+    ([b"Chunk(id='a')\n", b"...\n"], "line 2: not a printed chunk: expected Name(field=...), found Constant ..."),
+    ([b"Chunk(id='a')\n", b"Chunk(\n", b"id='b',\n"], "line 2: a printed chunk starts here and never ends"),
+    ([b"Chunk(\n", b"a=" + b"[" * 200 + b"\n"], "line 1: a printed chunk nested deeper than 100 levels"),
+])
+def test_a_printed_capture_that_cannot_be_read_is_a_chunk_error_naming_the_line(lines: list[bytes], error: str) -> None:
+    with pytest.raises(ChunkError) as refused:
+        list(read_capture(lines))
+    assert str(refused.value).startswith(error)

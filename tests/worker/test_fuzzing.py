@@ -111,12 +111,16 @@ def test_a_rejected_chunk_leaves_the_assembler_as_it_was(payload: bytes) -> None
 
 @FUZZ
 @given(lines=st.lists(st.one_of(st.binary(max_size=30), st.sampled_from(
-    [b"data: [DONE]", b"event: error", b"data: {}", b":", b"id: 1", b"", b"data:", b"retry: x"])), max_size=12))
+    [b"data: [DONE]", b"event: error", b"data: {}", b":", b"id: 1", b"", b"data:", b"retry: x",
+     b"Chunk(id='x')", b"Choice(", b"delta=[{'a': None}],", b")"])), max_size=12))
 def test_any_capture_reads_as_items_and_any_sse_line_as_a_chunk_or_a_chunk_error(lines: list[bytes]) -> None:
-    for item in read_capture(line + b"\n" for line in lines):
-        assert item.kind in ("chunk", "error", "done")
-        if item.kind == "error":
-            item.error_body()
+    try:
+        for item in read_capture(line + b"\n" for line in lines):
+            assert item.kind in ("chunk", "error", "done")
+            if item.kind == "error":
+                item.error_body()
+    except ChunkError:  # a printed capture stops at the first object it cannot read
+        pass
     assembler = Assembler()
     for line in lines:
         try:
