@@ -33,8 +33,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,11 @@ class Sample:
     chunks: int = 0
     failed: int = 0
     client_cpu_s: float = 0.0
+    why: Counter[str] = field(default_factory=Counter)
+
+    def fail(self, why: str) -> None:
+        self.failed += 1
+        self.why[why] += 1
 
 
 def _tokens(chunk: dict[str, object]) -> bool:
@@ -74,7 +81,7 @@ async def one_call(client: httpx.AsyncClient, url: str, body: dict[str, object],
     async with client.stream("POST", url, json=body) as response:
         if response.status_code != 200:
             await response.aread()
-            sample.failed += 1
+            sample.fail(f"HTTP {response.status_code}")
             return
         event_id = None
         async for line in response.aiter_lines():
@@ -87,7 +94,7 @@ async def one_call(client: httpx.AsyncClient, url: str, body: dict[str, object],
                 break
             chunk = orjson.loads(data)
             if "error" in chunk:
-                sample.failed += 1
+                sample.fail(f"error event: {chunk['error'].get('type') if isinstance(chunk['error'], dict) else '?'}")
                 return
             sample.chunks += 1
             if first is None and _tokens(chunk):
@@ -96,7 +103,7 @@ async def one_call(client: httpx.AsyncClient, url: str, body: dict[str, object],
                 # The token is <entry id>.<n>; the entry id's first part is Redis's clock when it was added.
                 sample.relay_ms.append(time.time() * 1000 - int(event_id.split("-", 1)[0]))
     if first is None:
-        sample.failed += 1
+        sample.fail("no token")
         return
     sample.first_token_ms.append(first)
     sample.calls += 1
@@ -116,8 +123,8 @@ async def drive(url: str, level: int, window: float, model: str, relayed: bool) 
             while time.monotonic() < stop:
                 try:
                     await one_call(client, url, body, sample, relayed)
-                except httpx.HTTPError:
-                    sample.failed += 1
+                except httpx.HTTPError as exc:
+                    sample.fail(type(exc).__name__)
 
         await asyncio.gather(*(loop(number) for number in range(level)))
     sample.client_cpu_s = time.process_time() - cpu
@@ -153,9 +160,11 @@ class Stack:
             "runner": [sys.executable, "-m", "producer", "work", "--concurrency", concurrency],
             "gateway": [sys.executable, "-m", "producer", "serve", "--port", str(self.gateway_port)],
         }
+        self.logs = Path(tempfile.mkdtemp(prefix="streamfold-live-"))
         for name, command in commands.items():
-            self.processes[name] = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
-                                                    stderr=subprocess.DEVNULL)
+            with (self.logs / f"{name}.log").open("wb") as log:  # warnings and errors only, kept for a look after
+                self.processes[name] = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log,
+                                                        stderr=subprocess.STDOUT)
             if name == "redis":
                 self._wait(lambda: redis.Redis.from_url(self.redis_url).ping())
         self._wait(lambda: httpx.get(f"http://127.0.0.1:{self.gateway_port}/healthz").raise_for_status())
@@ -199,7 +208,7 @@ def row(label: str, level: int, direct: Sample, relayed: Sample, rss: float, gat
             f"| {rss:.0f} | {per_chunk:.0f} | {direct.client_cpu_s:.1f} / {relayed.client_cpu_s:.1f} |")
 
 
-async def measure(stack: Stack, level: int, args: argparse.Namespace) -> str:
+async def measure(stack: Stack, level: int, args: argparse.Namespace) -> tuple[str, Sample, Sample]:
     direct = await drive(stack.direct_url, level, args.window, args.model, relayed=False)
     cpu_before = cpu_seconds(stack.gateway_pid)
     peak = 0.0
@@ -213,7 +222,7 @@ async def measure(stack: Stack, level: int, args: argparse.Namespace) -> str:
     watcher = asyncio.create_task(watch())
     relayed = await drive(stack.gateway_url, level, args.window, args.model, relayed=True)
     watcher.cancel()
-    return row(args.model, level, direct, relayed, peak, cpu_seconds(stack.gateway_pid) - cpu_before)
+    return row(args.model, level, direct, relayed, peak, cpu_seconds(stack.gateway_pid) - cpu_before), direct, relayed
 
 
 def main() -> int:
@@ -226,14 +235,20 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     with Stack(args) as stack:
-        print(f"machine: {machine()}")
+        print(f"machine: {machine()}; logs in {stack.logs}")
         print(f"calls: {args.model}, {args.latency_ms} ms before each chunk, {args.window:.0f} s per level\n")
         print("| stream | concurrent | calls through the gateway | first token direct p50 / p99 ms "
               "| through the gateway p50 / p99 ms | added p50 / p99 ms | relay Redis -> client p50 / p99 ms "
               "| gateway peak RSS MB | gateway CPU µs / chunk | client CPU s direct / gateway |")
         print("|---|---|---|---|---|---|---|---|---|---|")
+        failures = []
         for level in args.levels:
-            print(asyncio.run(measure(stack, level, args)), flush=True)
+            line, direct, relayed = asyncio.run(measure(stack, level, args))
+            print(line, flush=True)
+            failures += [f"{level} streams, {path}: {dict(sample.why)}"
+                         for path, sample in (("direct", direct), ("gateway", relayed)) if sample.why]
+        if failures:
+            print("\nfailed calls, by why:\n" + "\n".join(failures))
     return 0
 
 

@@ -35,12 +35,18 @@ def connect(settings: Settings) -> redis.Redis:
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
 
 
-def connect_async(settings: Settings) -> redis.asyncio.Redis:
-    """The asyncio counterpart of ``connect``, with the same options, for code on an event loop."""
+def connect_async(settings: Settings, *, connections: int = 100) -> redis.asyncio.Redis:
+    """The asyncio counterpart of ``connect``, with the same options, for code on an event loop. Its pool
+    holds at most ``connections``; a command that finds them all busy waits for one, up to the socket timeout
+    (redis-py's default pool fails it at once with "Too many connections": a gateway relaying a thousand
+    streams on a busy loop lost streams that way)."""
     try:
-        return redis.asyncio.Redis.from_url(settings.redis_url, **client_options(settings))
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=connections, timeout=settings.socket_timeout,
+            **client_options(settings))
     except ValueError as exc:
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
