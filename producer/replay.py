@@ -7,6 +7,8 @@ when the capture just stops. Used for load tests, demos and reproducing a provid
 
 from __future__ import annotations
 
+import logging
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -16,17 +18,24 @@ from pathlib import Path
 from producer.publisher import Publisher, new_request_id
 from streamfold.capture import CapturedItem, read_capture
 from streamfold.contract import Mode
+from streamfold.errors import RedisUnavailable
+from streamfold.logs import EventLog
+
+log = logging.getLogger("streamfold.replay")
 
 STDIN = "-"
 
 
 def replay(publisher: Publisher, files: Sequence[str | Path], *, copies: int = 1, rate: float | None = None,
-           mode: Mode = "auto") -> list[str]:
+           mode: Mode = "auto", patience: float = 60.0) -> list[str]:
     """Push ``copies`` requests per capture file and return their ids, in input order.
 
     ``-`` reads a capture from stdin. Every file is read before anything is pushed, so a missing file
     pushes nothing. ``rate`` paces pushes at that many chunks per second overall; buffered entries are sent
     before each pause, so workers see the stream arrive as a live one would.
+
+    A request whose writes meet a Redis that cannot serve for now (a failover under way) is pushed again
+    whole, as a new attempt, once Redis serves again; RedisUnavailable only after ``patience`` seconds of it.
     """
     if copies < 1:
         raise ValueError(f"copies must be at least 1, got {copies}")
@@ -38,11 +47,31 @@ def replay(publisher: Publisher, files: Sequence[str | Path], *, copies: int = 1
     for source, items in captures:
         for _ in range(copies):
             request_id = new_request_id()
-            publisher.start(request_id, {"source": source}, mode)
-            _push_capture(publisher, request_id, items, pacer)
+            _push_patiently(publisher, request_id, source, items, mode, pacer, patience)
             request_ids.append(request_id)
     publisher.flush()
     return request_ids
+
+
+def _push_patiently(publisher: Publisher, request_id: str, source: str, items: Sequence[CapturedItem], mode: Mode,
+                    pacer: _Pacer, patience: float) -> None:
+    # Entries of a failed send may or may not have been written (or survived the failover): a new attempt
+    # supersedes whatever did, and starting again with the request's own token is the same start.
+    deadline, failures, token = time.monotonic() + patience, 0, secrets.token_hex(16)
+    while True:
+        try:
+            publisher.start(request_id, {"source": source}, mode, token=token)
+            if failures:
+                publisher.new_attempt(request_id)
+            _push_capture(publisher, request_id, items, pacer)
+            return
+        except RedisUnavailable as exc:
+            failures += 1
+            if time.monotonic() >= deadline:
+                raise
+            delay = min(2.0, 0.1 * 2 ** min(failures, 5))
+            EventLog(log).warning("redis_unavailable", request_id=request_id, error=str(exc), retry_in_s=delay)
+            time.sleep(delay)
 
 
 def _push_capture(publisher: Publisher, request_id: str, items: Sequence[CapturedItem], pacer: _Pacer) -> None:
