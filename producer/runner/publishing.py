@@ -251,6 +251,11 @@ class Batcher:
         connection = self._connection
         try:
             async with asyncio.timeout(self._timeout):
+                if not connection.is_connected:
+                    # Connect as the pool does: a Sentinel-managed connection asks the Sentinels for the primary
+                    # only in connect(); the connect that sending does by itself would go to its last address,
+                    # or, never connected, to localhost.
+                    await connection.connect()
                 await connection.send_packed_command(b"".join(map(pack_command, commands)))
                 replies: list[Any] = []
                 for _ in commands:
