@@ -313,7 +313,7 @@ def read_sentinels(value: str) -> list[tuple[str, int]]:
             continue
         host, colon, port = entry.rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65_536:
+        if not colon or not host or "@" in host or "/" in host or not port.isdigit() or not 0 < int(port) < 65_536:
             shown = f"{entry!r}" if "@" not in entry else "an entry with credentials in it"  # they go elsewhere
             raise ValueError(f"{shown} is not host:port")
         sentinels.append((host, int(port)))
