@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer import enqueue_chat_completion
+from producer import enqueue_chat_completion, wait_for_result
 from producer.mock_upstream import DEFAULT_FIXTURE_DIRS, MockUpstream
 from streamfold import contract
 from streamfold.connection import connect, preflight
@@ -184,10 +185,14 @@ def test_every_request_ends_once_when_the_primary_is_killed_mid_run(group: Senti
 
         wait_for(lambda: _finished(client, settings) >= REQUESTS // 4, 30, "a quarter of the requests to finish")
         finished_before = _finished(client, settings)
+        # A backend waiting on a result through the failover gets it from the new primary.
+        waiting = running.enter_context(ThreadPoolExecutor(1)).submit(
+            wait_for_result, list(models)[-1], 60, client=client, settings=settings)
         killed = time.monotonic()
         group.primary.kill()
         _promoted(group)
         promoted_after = time.monotonic() - killed
+        assert waiting.result(60)["request_id"] == list(models)[-1]
 
         results = _wait_for_results(settings, list(models), 60, logs=processes)
         for process in processes:
