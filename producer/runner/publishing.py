@@ -38,6 +38,7 @@ from typing import Any, Literal, TypeVar, cast
 import redis
 import redis.asyncio
 from hiredis import pack_command
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.exceptions import NoScriptError
 
 from producer.publisher import START_SCRIPT, check_started, now_ms, start_arguments
@@ -112,12 +113,18 @@ class Batcher:
     ``gate`` is awaited before each batch leaves: a runner passes its lease check, so that a runner whose
     calls were taken over by a peer never writes for them again - on False, everything buffered is dropped
     and whoever waits for a reply gets ``Discarded``. ``on_redis_error`` counts failed sends.
+
+    ``wait_replicas``: every batch ends with ``WAIT wait_replicas wait_timeout_ms`` on the same connection, and
+    counts as sent only once that many replicas hold it; otherwise it is sent again, like a batch that met
+    no Redis. A failover then loses no write a call went on from: not a start, not a chunk, not an end.
     """
 
     def __init__(self, client: redis.asyncio.Redis, *, flush_s: float = 0.002, batch: int = 1000,
                  buffer_bytes: int = 64 * 2**20, gate: Callable[[], Awaitable[bool]] | None = None,
-                 on_redis_error: Callable[[], None] | None = None) -> None:
+                 on_redis_error: Callable[[], None] | None = None, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 500) -> None:
         self.client = client
+        self._wait = ("WAIT", wait_replicas, wait_timeout_ms) if wait_replicas else None
         self._flush_s, self._batch, self._limit = flush_s, batch, buffer_bytes
         self._gate, self._on_redis_error = gate, on_redis_error
         self._entries: deque[_Entry] = deque()
@@ -237,6 +244,16 @@ class Batcher:
     async def _round_trip(self, commands: list[Command]) -> list[Any]:
         if not commands:
             return []
+        if self._wait is None or getattr(self.client, "connection_pool", None) is None:
+            return await self._send(commands)
+        # WAIT counts the replicas holding this connection's writes so far: the batch's own connection's.
+        *replies, confirmed = await self._send([*commands, self._wait])
+        if not isinstance(confirmed, int) or confirmed < self._wait[1]:
+            raise redis.TimeoutError(f"{confirmed} of {self._wait[1]} replicas confirmed a batch within "
+                                     f"{self._wait[2]} ms (STREAMFOLD_REDIS_WAIT_REPLICAS)")
+        return replies
+
+    async def _send(self, commands: list[Command]) -> list[Any]:
         pool = getattr(self.client, "connection_pool", None)
         if pool is None:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -251,11 +268,11 @@ class Batcher:
         connection = self._connection
         try:
             async with asyncio.timeout(self._timeout):
-                if not connection.is_connected:
-                    # Connect as the pool does: a Sentinel-managed connection asks the Sentinels for the primary
-                    # only in connect(); the connect that sending does by itself would go to its last address,
-                    # or, never connected, to localhost.
-                    await connection.connect()
+                if not connection.is_connected and isinstance(connection, SentinelManagedConnection):
+                    # A Sentinel-managed connection asks the Sentinels for the primary only in connect(); the
+                    # connect that sending does by itself would go to its last address, or, never connected,
+                    # to localhost.
+                    await connection.connect()  # type: ignore[no-untyped-call]
                 await connection.send_packed_command(b"".join(map(pack_command, commands)))
                 replies: list[Any] = []
                 for _ in commands:
