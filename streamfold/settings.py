@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         "name of the primary the Sentinels monitor (needed with redis_sentinels)"))
     redis_sentinel_password: SecretStr | None = Field(None, description=(
         "password of the Sentinels themselves (requirepass in sentinel.conf); never printed"))
+    redis_wait_replicas: int = Field(0, ge=0, description=(
+        "replicas that must hold a call runner's writes before they count as sent (WAIT after every batch), "
+        "so a failover loses none of them; 0: the primary's acknowledgement is enough"))
+    redis_wait_timeout_ms: int = Field(500, ge=1, description=(
+        "longest a batch waits for redis_wait_replicas, ms; a batch not confirmed by then is sent again"))
     namespace: str = Field("streamfold", min_length=1, description="prefix of every key; namespaces never meet")
     shards: int = Field(1, ge=1, le=256, description="shard tags requests are spread over (Redis Cluster)")
     group: str = Field("workers", min_length=1, description="consumer group of the worker pool")
@@ -167,6 +172,8 @@ class Settings(BaseSettings):
     def _sentinels_name_their_service(self) -> Settings:
         if self.redis_sentinels and self.redis_sentinel_service is None:
             raise ValueError("redis_sentinels need redis_sentinel_service: the name of the primary they monitor")
+        if self.redis_wait_timeout_ms / 1000 >= self.socket_timeout:
+            raise ValueError("redis_wait_timeout_ms must stay below socket_timeout (seconds)")
         return self
 
     @model_validator(mode="after")

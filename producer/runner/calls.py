@@ -116,7 +116,8 @@ class Calls:
         self.hooks = hooks or CallHooks()
         self.batcher = Batcher(client, flush_s=settings.runner_flush_ms / 1000, batch=settings.runner_batch,
                                buffer_bytes=settings.runner_buffer_bytes, gate=gate,
-                               on_redis_error=self.hooks.redis_error)
+                               on_redis_error=self.hooks.redis_error, wait_replicas=settings.redis_wait_replicas,
+                               wait_timeout_ms=settings.redis_wait_timeout_ms)
         self.cancels = CancelWatch(client, self.keys)
         self._policy = RetryPolicy.from_settings(settings)
         self._connections, self._environ, self._sleep = connections, environ, sleep
