@@ -80,7 +80,7 @@ def primary_through_sentinel(settings: Settings) -> redis.Redis:
     sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         settings.redis_sentinels, sentinel_kwargs=_sentinel_options(settings), **_primary_options(settings))
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        str(settings.redis_sentinel_service), redis_class=redis.Redis)
+        str(settings.redis_sentinel_service), redis_class=SentinelPrimary)
     return client
 
 
@@ -90,8 +90,28 @@ def primary_through_sentinel_async(settings: Settings, **pool: Any) -> redis.asy
     sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         settings.redis_sentinels, sentinel_kwargs=_sentinel_options(settings), **_primary_options(settings))
     client: redis.asyncio.Redis = sentinel.master_for(str(settings.redis_sentinel_service),
-                                                      redis_class=redis.asyncio.Redis, **pool)
+                                                      redis_class=AsyncSentinelPrimary, **pool)
     return client
+
+
+class SentinelPrimary(redis.Redis):
+    """A client of the Sentinels' primary that closes its connections to the Sentinels with its own."""
+
+    def close(self) -> None:
+        super().close()
+        sentinel: redis.sentinel.Sentinel = getattr(self.connection_pool, "sentinel_manager")
+        for node in sentinel.sentinels:
+            node.close()
+
+
+class AsyncSentinelPrimary(redis.asyncio.Redis):
+    """The asyncio counterpart of ``SentinelPrimary``."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        sentinel: redis.asyncio.sentinel.Sentinel = getattr(self.connection_pool, "sentinel_manager")
+        for node in sentinel.sentinels:
+            await node.aclose()
 
 
 def _primary_options(settings: Settings) -> dict[str, Any]:
