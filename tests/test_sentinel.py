@@ -9,8 +9,10 @@ one result, none hanging and none doubled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,12 +28,15 @@ import redis
 
 from producer import enqueue_chat_completion, wait_for_result
 from producer.mock_upstream import DEFAULT_FIXTURE_DIRS, MockUpstream
+from producer.runner.calls import connect_async as connect_runner
+from producer.runner.publishing import Batcher
 from streamfold import contract
 from streamfold.connection import connect, preflight
 from streamfold.errors import RedisRefused, RedisUnavailable
 from streamfold.settings import Settings, load_settings
 from tests.conftest import ROOT, load_jsonl
-from tests.topology import SENTINEL_SERVICE, SentinelGroup, require_redis_server, start_sentinel_group, wait_for
+from tests.topology import (SENTINEL_SERVICE, SentinelGroup, Server, require_redis_server, start_sentinel_group,
+                            wait_for)
 from worker import assemble
 
 FIXTURES = {path.stem: path for directory in DEFAULT_FIXTURE_DIRS for path in directory.glob("*.jsonl")}
@@ -162,15 +167,44 @@ def test_worker_health_stats_and_replay_work_through_sentinel_and_after_a_failov
     assert worker.returncode == 0, (tmp_path / "worker.log").read_text()
 
 
+def test_with_wait_replicas_a_batch_counts_as_sent_only_once_the_replica_holds_it(group: SentinelGroup) -> None:
+    settings = Settings(redis_sentinels=group.addresses, redis_sentinel_service=SENTINEL_SERVICE, socket_timeout=2,
+                        redis_wait_replicas=1, redis_wait_timeout_ms=200)
+
+    async def scenario() -> None:
+        client = connect_runner(settings)
+        batcher = Batcher(client, wait_replicas=settings.redis_wait_replicas,
+                          wait_timeout_ms=settings.redis_wait_timeout_ms)
+        flushing = asyncio.create_task(batcher.run())
+        try:
+            assert await asyncio.wait_for(batcher.send((("SET", "confirmed", "1"),), reply=True), 5) == b"OK"
+            group.replica.process.send_signal(signal.SIGSTOP)
+            try:
+                sent = asyncio.ensure_future(batcher.send((("SET", "held", "1"),), reply=True))
+                await asyncio.sleep(1.0)
+                assert not sent.done()  # applied by the primary, but no replica confirmed it yet
+            finally:
+                group.replica.process.send_signal(signal.SIGCONT)
+            assert await asyncio.wait_for(sent, 10) == b"OK"
+        finally:
+            flushing.cancel()
+            await asyncio.gather(flushing, return_exceptions=True)
+            await client.aclose()
+
+    asyncio.run(scenario())
+    assert group.replica.client().get("held") == b"1"
+
+
 # --- the whole pipeline through a failover ---------------------------------------------------------------------
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("wait_replicas", [0, 1])
 def test_every_request_ends_once_when_the_primary_is_killed_mid_run(group: SentinelGroup, namespace: str,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, wait_replicas: int) -> None:
     with MockUpstream() as upstream, ExitStack() as running:
         table = {"default": {"base_url": upstream.base_url + "?mock_latency_ms=40", "api_key_env": KEY_ENV}}
         env = _environment(group, namespace, upstreams=json.dumps(table), stall_timeout="6", claim_timeout="3",
-                           upstream_backoff="0.05")
+                           upstream_backoff="0.05", redis_wait_replicas=str(wait_replicas))
         env[KEY_ENV] = "sk-sentinel-test"
         settings = _settings(env)
         client = running.enter_context(connect(settings))
@@ -192,6 +226,9 @@ def test_every_request_ends_once_when_the_primary_is_killed_mid_run(group: Senti
         group.primary.kill()
         _promoted(group)
         promoted_after = time.monotonic() - killed
+        if wait_replicas:
+            # The new primary has no replica until the old host comes back: until then runners' writes wait.
+            _restart_as_replica(group)
         assert waiting.result(60)["request_id"] == list(models)[-1]
 
         results = _wait_for_results(settings, list(models), 60, logs=processes)
@@ -204,15 +241,29 @@ def test_every_request_ends_once_when_the_primary_is_killed_mid_run(group: Senti
              if records[0]["status"] == "completed" and records[0]["completion"] != _local(models[request_id])]
     gaps = [request_id for request_id, records in results.items()
             if any("missing" in warning or "stalled" in warning for warning in records[0]["warnings"])]
-    print(f"\nfailover: {REQUESTS} requests, {finished_before} finished before the kill, replica promoted "
-          f"{promoted_after:.1f} s after it; statuses {dict(statuses)}; {len(gaps)} lost chunks or their end")
+    print(f"\nfailover (wait_replicas={wait_replicas}): {REQUESTS} requests, {finished_before} finished before the "
+          f"kill, replica promoted {promoted_after:.1f} s after it; statuses {dict(statuses)}; {len(gaps)} lost "
+          "chunks or their end")
     assert not doubled
     assert not wrong
     assert sum(statuses.values()) == REQUESTS
+    if wait_replicas:
+        assert statuses == {"completed": REQUESTS}  # nothing a runner wrote was lost
     for records in results.values():
         record = records[0]
         if record["status"] != "completed":  # a request whose writes were lost says so
             assert record["warnings"] or record["error"], record
+
+
+def _restart_as_replica(group: SentinelGroup) -> None:
+    """Start the killed primary again, empty, on its port: the Sentinels make it a replica of the new one."""
+    old = group.primary
+    process = subprocess.Popen(old.process.args, cwd=old.directory, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+    back = Server(old.port, old.directory, process)
+    group.topology.servers.append(back)
+    wait_for(lambda: back.client().info("replication").get("master_link_status") == "up", 30,
+             "the old primary to come back as a replica")
 
 
 def _serve(running: ExitStack, directory: Path, env: dict[str, str], *command: str) -> subprocess.Popen[bytes]:
