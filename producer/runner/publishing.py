@@ -65,6 +65,20 @@ if redis.call('SET', KEYS[#KEYS], 'running', 'NX', 'EX', ARGV[1]) then
 end
 return {{0, redis.call('GET', KEYS[#KEYS])}}
 """
+# A call's end or error, preceded by its start again when the start is gone: its owner key, which start.lua
+# writes in the same step as the start envelope and the control entry, is missing. Only a failover that lost
+# writes the old primary had acknowledged removes a start this way; without the control entry no worker
+# would ever claim the request, and it would never end. Sent as EVAL, not EVALSHA: a primary just promoted
+# may lack the script, and reloading it would send the start again only after the end.
+RESTART_IF_LOST_SCRIPT = f"""
+local function start()
+{START_SCRIPT}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return start()
+end
+return -1
+"""
 RUNNING = b"running"
 Claim = Literal["first", "rerun", "cancelled"]
 
@@ -336,12 +350,14 @@ class RequestStream:
         self.pushed = 0  # chunks of the current attempt
         self._batcher, self._keys, self._token, self._max_age = batcher, keys, token, max_age
         self._provider, self._request_model = provider, request_model
+        self._started: tuple[list[str], list[Any]] | None = None  # the start's script arguments, once sent
 
     async def start(self, meta: Mapping[str, Any], mode: Mode, api: str) -> None:
         """Open the request (start envelope and control entry, one script); ContractError when another
         producer owns the request id. ``api`` is the upstream's wire API: the stream's format."""
         keys, args = self._start_arguments(meta, mode, api)
         check_started(self.request_id, await self._batcher.start(keys, args))
+        self._started = keys, args
 
     async def claim_and_start(self, meta: Mapping[str, Any], mode: Mode, api: str, *, ttl: int) -> Claim:
         """Claim the request for ``ttl`` seconds (its cancel key set to ``running`` unless it exists) and, when
@@ -352,6 +368,7 @@ class RequestStream:
         claimed, answer = await self._batcher.claim_and_start(self._keys.cancel(self.request_id), ttl, keys, args)
         if claimed:
             check_started(self.request_id, answer)
+            self._started = keys, args
             return "first"
         return "rerun" if answer == RUNNING else "cancelled"
 
@@ -382,8 +399,14 @@ class RequestStream:
         await self._close(contract.encode_error(info, attempt=self.attempt, ts_ms=now_ms()))
 
     async def _close(self, fields: dict[str, bytes]) -> None:
-        """The end or error envelope, and the stream's safety expiry; returns once both are in Redis."""
-        await self._batcher.send((_xadd(self.key, fields), ("EXPIRE", self.key, self._max_age, "NX")), reply=True)
+        """The end or error envelope, and the stream's safety expiry; returns once both are in Redis. A start
+        this run sent and a failover lost is sent again first (``RESTART_IF_LOST_SCRIPT``)."""
+        restart: tuple[Command, ...] = ()
+        if self._started is not None:
+            keys, args = self._started
+            restart = (("EVAL", RESTART_IF_LOST_SCRIPT, len(keys), *keys, *args),)
+        await self._batcher.send((*restart, _xadd(self.key, fields), ("EXPIRE", self.key, self._max_age, "NX")),
+                                 reply=True)
 
 
 def _xadd(key: str, fields: dict[str, bytes]) -> Command:
