@@ -27,15 +27,16 @@ STDIN = "-"
 
 
 def replay(publisher: Publisher, files: Sequence[str | Path], *, copies: int = 1, rate: float | None = None,
-           mode: Mode = "auto", patience: float = 60.0) -> list[str]:
+           mode: Mode = "auto", patience: float = 0.0) -> list[str]:
     """Push ``copies`` requests per capture file and return their ids, in input order.
 
     ``-`` reads a capture from stdin. Every file is read before anything is pushed, so a missing file
     pushes nothing. ``rate`` paces pushes at that many chunks per second overall; buffered entries are sent
     before each pause, so workers see the stream arrive as a live one would.
 
-    A request whose writes meet a Redis that cannot serve for now (a failover under way) is pushed again
-    whole, as a new attempt, once Redis serves again; RedisUnavailable only after ``patience`` seconds of it.
+    With ``patience``, a request whose writes meet a Redis that cannot serve for now (a failover under way) is
+    pushed again whole, as a new attempt, once Redis serves again; RedisUnavailable only after ``patience``
+    seconds of it. Without, at once.
     """
     if copies < 1:
         raise ValueError(f"copies must be at least 1, got {copies}")
