@@ -31,9 +31,11 @@ from streamfold.logs import LOG_FORMATS
 from streamfold.settings import Settings, load_settings
 
 PROG = "python -m producer"
+# How long replay waits out a Redis behind Sentinel that cannot serve: a failover takes a few seconds.
+FAILOVER_PATIENCE = 30.0
 Command = Callable[[argparse.Namespace, Settings], int]
 
-_CONNECTION = ("redis_url", "namespace", "shards", "socket_timeout")
+_CONNECTION = ("redis_url", "redis_sentinels", "redis_sentinel_service", "namespace", "shards", "socket_timeout")
 _READING = (*_CONNECTION, "block_ms", "read_count")
 _ENQUEUING = (*_CONNECTION, "queue", "job_timeout")
 _PUBLISHING = (*_CONNECTION, "stream_max_age")
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     play.add_argument("--open", type=_positive(int), default=1, metavar="N", dest="open_at_once",
                       help="stream N requests at once, their chunks interleaved as concurrent calls arrive "
                            "(default: 1, one request after another)")
+    play.add_argument("--patience", type=float, metavar="SECONDS",
+                      help="how long to wait out a Redis that cannot serve (a failover), pushing a request hit by "
+                           f"it again (default: {FAILOVER_PATIENCE:g} with STREAMFOLD_REDIS_SENTINELS, else 0)")
 
     enqueue = _command(commands, "enqueue", _enqueue, _ENQUEUING, "enqueue a chat completion as an rq job",
                        "Enqueue one streamed chat completion for a job runner (`python -m producer work` or "
@@ -290,8 +295,9 @@ def _usage_summary(args: argparse.Namespace, settings: Settings) -> int:
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
     with connect(settings) as client, Publisher(client, settings.keys, max_age=settings.stream_max_age) as publisher:
+        patience = args.patience if args.patience is not None else FAILOVER_PATIENCE if settings.redis_sentinels else 0
         request_ids = replay(publisher, args.files, copies=args.copies, rate=args.rate, mode=args.mode,
-                             open_at_once=args.open_at_once)
+                             patience=patience, open_at_once=args.open_at_once)
     sys.stdout.write("".join(f"{request_id}\n" for request_id in request_ids))
     sys.stdout.flush()
     return 0

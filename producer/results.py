@@ -21,13 +21,15 @@ from redis.typing import KeyT, StreamIdT
 from streamfold import contract
 from streamfold.connection import connected, redis_errors
 from streamfold.contract import validate_request_id
-from streamfold.errors import ContractError, ResultTimeout
+from streamfold.errors import ContractError, RedisUnavailable, ResultTimeout
 from streamfold.keys import Keys
 from streamfold.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_MS = 500
+# How often a wait for a result tries again while Redis cannot serve (a failover: about 3 s).
+FAILOVER_POLL_S = 0.2
 
 # One stream's entries as redis-py returns them: (entry id, fields); fields is None for a pending entry
 # whose stream entry was deleted since.
@@ -49,22 +51,33 @@ def wait_for_result(request_id: str, timeout: float, *, client: redis.Redis | No
     Subscribes to the request's notify channel *before* looking the result up, so a result published in
     between is either found by the lookup or announced on the channel: never missed, never polled for.
     ``settings`` (default: read from the environment now) gives the keys, and the client when none is given.
+    A Redis that cannot serve for now (a failover) is waited out until the deadline, subscribing again to
+    whichever primary serves next; RedisUnavailable only if none does by then.
     """
     validate_request_id(request_id)
     with connected(client, settings) as (client, settings):
-        keys = settings.keys
         deadline = time.monotonic() + max(timeout, 0.0)
-        pubsub: PubSub = client.pubsub()  # type: ignore[no-untyped-call]
-        with redis_errors(f"waiting for the result of {request_id}"), pubsub:
-            pubsub.subscribe(keys.notify(request_id))
-            _until(pubsub, deadline, "subscribe")
-            while True:
-                record = get_result(client, keys, request_id)
-                if record is not None:
-                    return record
+        while True:
+            try:
+                return _wait(client, settings.keys, request_id, deadline, timeout)
+            except RedisUnavailable:
                 if time.monotonic() >= deadline:
-                    raise ResultTimeout(f"no result for {request_id} within {timeout:g} s")
-                _until(pubsub, deadline, "message")
+                    raise
+                time.sleep(min(FAILOVER_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def _wait(client: redis.Redis, keys: Keys, request_id: str, deadline: float, timeout: float) -> dict[str, Any]:
+    pubsub: PubSub = client.pubsub()  # type: ignore[no-untyped-call]
+    with redis_errors(f"waiting for the result of {request_id}"), pubsub:
+        pubsub.subscribe(keys.notify(request_id))
+        _until(pubsub, deadline, "subscribe")
+        while True:
+            record = get_result(client, keys, request_id)
+            if record is not None:
+                return record
+            if time.monotonic() >= deadline:
+                raise ResultTimeout(f"no result for {request_id} within {timeout:g} s")
+            _until(pubsub, deadline, "message")
 
 
 def _until(pubsub: PubSub, deadline: float, kind: str) -> None:

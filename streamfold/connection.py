@@ -8,12 +8,16 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+from redis.connection import parse_url
 
 from streamfold.errors import ConfigError
 from streamfold.errors import RedisRefused, RedisUnavailable
 from streamfold.settings import Settings, load_settings
 
-# Redis cannot serve for now: lost or slow connections, a replica after a failover.
+# Redis cannot serve for now: lost or slow connections, a replica after a failover, no primary known to the
+# Sentinels while they fail over (MasterNotFoundError, a ConnectionError).
 UNAVAILABLE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 # Replies of a Redis that is there but cannot serve for now (out of memory, busy with a script, failing
 # over, loading its data set): retried like a lost connection.
@@ -27,8 +31,11 @@ def connect(settings: Settings) -> redis.Redis:
     outlives its socket timeout into a TimeoutError instead of an empty answer. A URL redis-py cannot read
     is a ConfigError. ``rediss://`` speaks TLS, verifying the server's certificate and host name against
     ``redis_tls_ca`` (or the system's CAs) and presenting ``redis_tls_cert`` when set; ``redis_username``
-    and ``redis_password`` replace the URL's.
+    and ``redis_password`` replace the URL's. With ``redis_sentinels``, the client is the Sentinels' current
+    primary (``primary_through_sentinel``).
     """
+    if settings.redis_sentinels:
+        return primary_through_sentinel(settings)
     try:
         return redis.Redis.from_url(settings.redis_url, **client_options(settings))
     except ValueError as exc:  # redis-py names the part at fault, not the whole URL (it may hold a password)
@@ -40,6 +47,8 @@ def connect_async(settings: Settings, *, connections: int = 100) -> redis.asynci
     holds at most ``connections``; a command that finds them all busy waits for one, up to the socket timeout
     (redis-py's default pool fails it at once with "Too many connections": a gateway relaying a thousand
     streams on a busy loop lost streams that way)."""
+    if settings.redis_sentinels:
+        return primary_through_sentinel_async(settings)
     try:
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=connections, timeout=settings.socket_timeout,
@@ -66,6 +75,78 @@ def client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def primary_through_sentinel(settings: Settings) -> redis.Redis:
+    """A client of the primary the Sentinels (``redis_sentinels``) name for ``redis_sentinel_service``.
+
+    Each new connection asks the Sentinels where the primary is, so a client follows a failover by itself:
+    a command that meets the old primary gone (ConnectionError), demoted (READONLY, which redis-py turns into
+    a ConnectionError after dropping the connection) or no primary at all while the Sentinels vote
+    (MasterNotFoundError) fails as "cannot serve for now", and the caller's retry lands on the new one.
+    """
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        settings.redis_sentinels, sentinel_kwargs=_sentinel_options(settings), **_primary_options(settings))
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        str(settings.redis_sentinel_service), redis_class=SentinelPrimary)
+    return client
+
+
+def primary_through_sentinel_async(settings: Settings, **pool: Any) -> redis.asyncio.Redis:
+    """The asyncio counterpart of ``primary_through_sentinel``. ``pool`` goes to the connection pool: a
+    ``connection_pool_class`` and a ``connection_class`` derived from redis-py's Sentinel ones, its size."""
+    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        settings.redis_sentinels, sentinel_kwargs=_sentinel_options(settings), **_primary_options(settings))
+    client: redis.asyncio.Redis = sentinel.master_for(str(settings.redis_sentinel_service),
+                                                      redis_class=AsyncSentinelPrimary, **pool)
+    return client
+
+
+class SentinelPrimary(redis.Redis):
+    """A client of the Sentinels' primary that closes its connections to the Sentinels with its own."""
+
+    def close(self) -> None:
+        super().close()
+        sentinel: redis.sentinel.Sentinel = getattr(self.connection_pool, "sentinel_manager")
+        for node in sentinel.sentinels:
+            node.close()
+
+
+class AsyncSentinelPrimary(redis.asyncio.Redis):
+    """The asyncio counterpart of ``SentinelPrimary``."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        sentinel: redis.asyncio.sentinel.Sentinel = getattr(self.connection_pool, "sentinel_manager")
+        for node in sentinel.sentinels:
+            await node.aclose()
+
+
+def _primary_options(settings: Settings) -> dict[str, Any]:
+    """``client_options`` plus what ``redis_url`` says besides its address: the database, its credentials
+    (where no setting replaces them) and TLS."""
+    try:
+        url = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
+    options = {name: url[name] for name in ("db", "username", "password") if url.get(name) is not None}
+    options.update(client_options(settings))
+    if settings.redis_url.startswith("rediss://"):
+        options["ssl"] = True  # picks redis-py's Sentinel-managed TLS connection
+    return options
+
+
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    """How the Sentinels themselves are reached: briefly (a Sentinel that does not answer is skipped for the
+    next), with their own password, over TLS with the same certificates when ``redis_url`` is rediss://."""
+    timeout = min(settings.socket_timeout, 2.0)
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if settings.redis_sentinel_password is not None:
+        options["password"] = settings.redis_sentinel_password.get_secret_value()
+    if settings.redis_url.startswith("rediss://"):
+        options.update(ssl=True, **{name: value for name, value in client_options(settings).items()
+                                    if name.startswith("ssl_")})
+    return options
+
+
 def _path(path: Any) -> str | None:
     return None if path is None else str(path)
 
@@ -82,7 +163,11 @@ def cannot_serve(exc: BaseException) -> bool:
 def preflight(client: redis.Redis) -> None:
     """Check, before serving, that Redis takes these credentials: RedisRefused when it never will serve them
     (a wrong password, user or database index, a server that is not Redis). A Redis that cannot serve for
-    now (down, loading) passes: a serving process waits for it with its own back-off."""
+    now (down, loading) passes: a serving process waits for it with its own back-off. Through Sentinel, the
+    Sentinels are asked first: one that refuses its password, or knows no such primary, is refused too."""
+    pool = client.connection_pool
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        _ask_sentinels(pool.sentinel_manager, pool.service_name)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -90,9 +175,29 @@ def preflight(client: redis.Redis) -> None:
             raise RedisRefused(f"Redis at {_address(client)} refused the first command: {exc}") from exc
 
 
+def _ask_sentinels(sentinel: redis.sentinel.Sentinel, service: str) -> None:
+    """RedisRefused when a Sentinel that answers refuses our credentials or monitors no ``service``: redis-py
+    would only ever say that no primary was found, as it says while a failover runs."""
+    for node in sentinel.sentinels:
+        try:
+            node.sentinel_master(service)
+        except redis.RedisError as exc:
+            if not cannot_serve(exc):
+                raise RedisRefused(f"Sentinel at {_host(node)} refused to name the primary "
+                                   f"{service!r}: {exc}") from exc
+
+
 def _address(client: redis.Redis) -> str:
+    pool = client.connection_pool
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        sentinels = ",".join(map(_host, pool.sentinel_manager.sentinels))
+        return f"{pool.service_name} (Sentinels {sentinels})"
+    return f"{_host(client)}/{pool.connection_kwargs.get('db', 0)}"
+
+
+def _host(client: redis.Redis) -> str:
     options = client.connection_pool.connection_kwargs
-    return f"{options.get('host', '?')}:{options.get('port', '?')}/{options.get('db', 0)}"
+    return f"{options.get('host', '?')}:{options.get('port', '?')}"
 
 
 @contextmanager

@@ -67,6 +67,19 @@ class Settings(BaseSettings):
         "CA certificates (PEM) that sign the Redis server's; default: the system's (rediss:// only)"))
     redis_tls_cert: FilePath | None = Field(None, description="client certificate (PEM) for TLS client authentication")
     redis_tls_key: FilePath | None = Field(None, description="the client certificate's private key (PEM)")
+    # Sentinel: where the primary is. redis_url then gives only the scheme (rediss:// for TLS), the
+    # credentials and the database; its host and port are not used.
+    redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = Field(default_factory=list, description=(
+        "Sentinels to ask for the current primary, comma-separated host:port; a failover is followed"))
+    redis_sentinel_service: str | None = Field(None, min_length=1, description=(
+        "name of the primary the Sentinels monitor (needed with redis_sentinels)"))
+    redis_sentinel_password: SecretStr | None = Field(None, description=(
+        "password of the Sentinels themselves (requirepass in sentinel.conf); never printed"))
+    redis_wait_replicas: int = Field(0, ge=0, description=(
+        "replicas that must hold a call runner's writes before they count as sent (WAIT after every batch), "
+        "so a failover loses none of them; 0: the primary's acknowledgement is enough"))
+    redis_wait_timeout_ms: int = Field(500, ge=1, description=(
+        "longest a batch waits for redis_wait_replicas, ms; a batch not confirmed by then is sent again"))
     namespace: str = Field("streamfold", min_length=1, description="prefix of every key; namespaces never meet")
     shards: int = Field(1, ge=1, le=256, description="shard tags requests are spread over (Redis Cluster)")
     group: str = Field("workers", min_length=1, description="consumer group of the worker pool")
@@ -149,6 +162,19 @@ class Settings(BaseSettings):
             return handler(_READERS[str(info.field_name)](value))
         except ConfigError as exc:
             return Unreadable(str(exc))
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _read_sentinels(cls, value: Any) -> Any:
+        return read_sentinels(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _sentinels_name_their_service(self) -> Settings:
+        if self.redis_sentinels and self.redis_sentinel_service is None:
+            raise ValueError("redis_sentinels need redis_sentinel_service: the name of the primary they monitor")
+        if self.redis_wait_timeout_ms / 1000 >= self.socket_timeout:
+            raise ValueError("redis_wait_timeout_ms must stay below socket_timeout (seconds)")
+        return self
 
     @model_validator(mode="after")
     def _timeouts_fit_together(self) -> Settings:
@@ -283,6 +309,22 @@ def load_settings() -> Settings:
         problems = "; ".join((f"STREAMFOLD_{'_'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
                              + error["msg"] for error in exc.errors(include_input=False))
         raise ConfigError(f"bad settings: {problems}") from exc
+
+
+def read_sentinels(value: str) -> list[tuple[str, int]]:
+    """``STREAMFOLD_REDIS_SENTINELS``: comma-separated ``host:port`` (``[v6 address]:port``) as (host, port)
+    pairs. ValueError names the entry that is not one."""
+    sentinels = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            continue
+        host, colon, port = entry.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not colon or not host or "@" in host or "/" in host or not port.isdigit() or not 0 < int(port) < 65_536:
+            shown = f"{entry!r}" if "@" not in entry else "an entry with credentials in it"  # they go elsewhere
+            raise ValueError(f"{shown} is not host:port")
+        sentinels.append((host, int(port)))
+    return sentinels
 
 
 def redacted_url(url: str) -> str:

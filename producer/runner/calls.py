@@ -17,13 +17,14 @@ from types import TracebackType
 from typing import Any, TypedDict
 
 import redis.asyncio
+import redis.asyncio.sentinel
 from redis.connection import HiredisRespSerializer
 
 from producer.jobs import job_id
 from producer.runner.call import Call, CancelWatch, Outcome
 from producer.runner.publishing import Batcher, RequestStream
 from producer.upstream import RetryPolicy, UpstreamClient
-from streamfold.connection import client_options
+from streamfold.connection import client_options, primary_through_sentinel_async
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import ConfigError
 from streamfold.genai import provider_of
@@ -50,9 +51,14 @@ def connect_async(settings: Settings, *, connections: int = REDIS_CONNECTIONS) -
     (bytes back, timeouts, a health check, the credentials and TLS). Its pool holds at most ``connections``; a command that finds
     them all busy waits for one (rather than failing, as redis-py's default pool does past 100), so a
     thousand calls starting at once queue for Redis instead of erroring. A URL redis-py cannot read is a
-    ConfigError."""
-    options = client_options(settings)
+    ConfigError. With ``redis_sentinels``, the pool is the same, of connections to the Sentinels' primary."""
     tls = settings.redis_url.startswith("rediss://")
+    if settings.redis_sentinels:
+        return primary_through_sentinel_async(
+            settings, connection_pool_class=BlockingSentinelConnectionPool, max_connections=connections,
+            timeout=settings.socket_timeout,
+            connection_class=HiredisPackingSentinelSSLConnection if tls else HiredisPackingSentinelConnection)
+    options = client_options(settings)
     try:
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=connections, timeout=settings.socket_timeout,
@@ -82,6 +88,19 @@ class HiredisPackingSSLConnection(HiredisPacking, redis.asyncio.SSLConnection):
     """A TLS connection (``rediss://``) that packs with hiredis."""
 
 
+class HiredisPackingSentinelConnection(HiredisPacking, redis.asyncio.sentinel.SentinelManagedConnection):
+    """A connection to the Sentinels' current primary that packs with hiredis."""
+
+
+class HiredisPackingSentinelSSLConnection(HiredisPacking, redis.asyncio.sentinel.SentinelManagedSSLConnection):
+    """A TLS connection to the Sentinels' current primary that packs with hiredis."""
+
+
+class BlockingSentinelConnectionPool(redis.asyncio.sentinel.SentinelConnectionPool,
+                                     redis.asyncio.BlockingConnectionPool):
+    """redis-py's Sentinel pool, waiting for a free connection as ``BlockingConnectionPool`` does."""
+
+
 class Calls:
     """Runs calls for jobs; enter it (``async with``) to start its background tasks.
 
@@ -97,7 +116,8 @@ class Calls:
         self.hooks = hooks or CallHooks()
         self.batcher = Batcher(client, flush_s=settings.runner_flush_ms / 1000, batch=settings.runner_batch,
                                buffer_bytes=settings.runner_buffer_bytes, gate=gate,
-                               on_redis_error=self.hooks.redis_error)
+                               on_redis_error=self.hooks.redis_error, wait_replicas=settings.redis_wait_replicas,
+                               wait_timeout_ms=settings.redis_wait_timeout_ms)
         self.cancels = CancelWatch(client, self.keys)
         self._policy = RetryPolicy.from_settings(settings)
         self._connections, self._environ, self._sleep = connections, environ, sleep

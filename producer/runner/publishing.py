@@ -38,6 +38,7 @@ from typing import Any, Literal, TypeVar, cast
 import redis
 import redis.asyncio
 from hiredis import pack_command
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.exceptions import NoScriptError
 
 from producer.publisher import START_SCRIPT, check_started, now_ms, start_arguments
@@ -63,6 +64,20 @@ if redis.call('SET', KEYS[#KEYS], 'running', 'NX', 'EX', ARGV[1]) then
   return {{1, start()}}
 end
 return {{0, redis.call('GET', KEYS[#KEYS])}}
+"""
+# A call's end or error, preceded by its start again when the start is gone: its owner key, which start.lua
+# writes in the same step as the start envelope and the control entry, is missing. Only a failover that lost
+# writes the old primary had acknowledged removes a start this way; without the control entry no worker
+# would ever claim the request, and it would never end. Sent as EVAL, not EVALSHA: a primary just promoted
+# may lack the script, and reloading it would send the start again only after the end.
+RESTART_IF_LOST_SCRIPT = f"""
+local function start()
+{START_SCRIPT}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return start()
+end
+return -1
 """
 RUNNING = b"running"
 Claim = Literal["first", "rerun", "cancelled"]
@@ -112,12 +127,18 @@ class Batcher:
     ``gate`` is awaited before each batch leaves: a runner passes its lease check, so that a runner whose
     calls were taken over by a peer never writes for them again - on False, everything buffered is dropped
     and whoever waits for a reply gets ``Discarded``. ``on_redis_error`` counts failed sends.
+
+    ``wait_replicas``: every batch ends with ``WAIT wait_replicas wait_timeout_ms`` on the same connection, and
+    counts as sent only once that many replicas hold it; otherwise it is sent again, like a batch that met
+    no Redis. A failover then loses no write a call went on from: not a start, not a chunk, not an end.
     """
 
     def __init__(self, client: redis.asyncio.Redis, *, flush_s: float = 0.002, batch: int = 1000,
                  buffer_bytes: int = 64 * 2**20, gate: Callable[[], Awaitable[bool]] | None = None,
-                 on_redis_error: Callable[[], None] | None = None) -> None:
+                 on_redis_error: Callable[[], None] | None = None, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 500) -> None:
         self.client = client
+        self._wait = ("WAIT", wait_replicas, wait_timeout_ms) if wait_replicas else None
         self._flush_s, self._batch, self._limit = flush_s, batch, buffer_bytes
         self._gate, self._on_redis_error = gate, on_redis_error
         self._entries: deque[_Entry] = deque()
@@ -237,6 +258,16 @@ class Batcher:
     async def _round_trip(self, commands: list[Command]) -> list[Any]:
         if not commands:
             return []
+        if self._wait is None or getattr(self.client, "connection_pool", None) is None:
+            return await self._send(commands)
+        # WAIT counts the replicas holding this connection's writes so far: the batch's own connection's.
+        *replies, confirmed = await self._send([*commands, self._wait])
+        if not isinstance(confirmed, int) or confirmed < self._wait[1]:
+            raise redis.TimeoutError(f"{confirmed} of {self._wait[1]} replicas confirmed a batch within "
+                                     f"{self._wait[2]} ms (STREAMFOLD_REDIS_WAIT_REPLICAS)")
+        return replies
+
+    async def _send(self, commands: list[Command]) -> list[Any]:
         pool = getattr(self.client, "connection_pool", None)
         if pool is None:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -251,6 +282,11 @@ class Batcher:
         connection = self._connection
         try:
             async with asyncio.timeout(self._timeout):
+                if not connection.is_connected and isinstance(connection, SentinelManagedConnection):
+                    # A Sentinel-managed connection asks the Sentinels for the primary only in connect(); the
+                    # connect that sending does by itself would go to its last address, or, never connected,
+                    # to localhost.
+                    await connection.connect()  # type: ignore[no-untyped-call]
                 await connection.send_packed_command(b"".join(map(pack_command, commands)))
                 replies: list[Any] = []
                 for _ in commands:
@@ -314,12 +350,14 @@ class RequestStream:
         self.pushed = 0  # chunks of the current attempt
         self._batcher, self._keys, self._token, self._max_age = batcher, keys, token, max_age
         self._provider, self._request_model = provider, request_model
+        self._started: tuple[list[str], list[Any]] | None = None  # the start's script arguments, once sent
 
     async def start(self, meta: Mapping[str, Any], mode: Mode, api: str) -> None:
         """Open the request (start envelope and control entry, one script); ContractError when another
         producer owns the request id. ``api`` is the upstream's wire API: the stream's format."""
         keys, args = self._start_arguments(meta, mode, api)
         check_started(self.request_id, await self._batcher.start(keys, args))
+        self._started = keys, args
 
     async def claim_and_start(self, meta: Mapping[str, Any], mode: Mode, api: str, *, ttl: int) -> Claim:
         """Claim the request for ``ttl`` seconds (its cancel key set to ``running`` unless it exists) and, when
@@ -330,6 +368,7 @@ class RequestStream:
         claimed, answer = await self._batcher.claim_and_start(self._keys.cancel(self.request_id), ttl, keys, args)
         if claimed:
             check_started(self.request_id, answer)
+            self._started = keys, args
             return "first"
         return "rerun" if answer == RUNNING else "cancelled"
 
@@ -360,8 +399,14 @@ class RequestStream:
         await self._close(contract.encode_error(info, attempt=self.attempt, ts_ms=now_ms()))
 
     async def _close(self, fields: dict[str, bytes]) -> None:
-        """The end or error envelope, and the stream's safety expiry; returns once both are in Redis."""
-        await self._batcher.send((_xadd(self.key, fields), ("EXPIRE", self.key, self._max_age, "NX")), reply=True)
+        """The end or error envelope, and the stream's safety expiry; returns once both are in Redis. A start
+        this run sent and a failover lost is sent again first (``RESTART_IF_LOST_SCRIPT``)."""
+        restart: tuple[Command, ...] = ()
+        if self._started is not None:
+            keys, args = self._started
+            restart = (("EVAL", RESTART_IF_LOST_SCRIPT, len(keys), *keys, *args),)
+        await self._batcher.send((*restart, _xadd(self.key, fields), ("EXPIRE", self.key, self._max_age, "NX")),
+                                 reply=True)
 
 
 def _xadd(key: str, fields: dict[str, bytes]) -> Command:

@@ -177,3 +177,29 @@ def test_a_start_reaches_a_redis_that_lacks_the_script_which_is_loaded_then_sent
 
     asyncio.run(scenario())
     assert [kinds(server, keys, rid) for rid in ("r0", "r1")] == [["start", "chunk"], ["start"]]
+
+
+def test_a_close_sends_the_start_again_when_a_failover_lost_it_and_only_then(keys: Keys) -> None:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+
+    async def scenario() -> None:
+        async with batching(client, flush_s=0.001) as batcher:
+            lost, kept = streams(batcher, keys, 2)
+            for stream in (lost, kept):
+                await stream.start({"n": 1}, "auto", "chat")
+                await stream.push(b"one")
+            # What a promoted replica that never received the start looks like: no owner key, no control entry,
+            # no start envelope; the chunk pushed after it arrived.
+            start_id = (await client.xrange(keys.chunks("r0"), count=1))[0][0]
+            await client.xdel(keys.chunks("r0"), start_id)
+            await client.delete(keys.owner("r0"), keys.requests(0))
+            await kept.push(b"two")
+            for stream in (lost, kept):
+                await stream.end()
+
+    asyncio.run(scenario())
+    assert kinds(server, keys, "r0") == ["chunk", "start", "end"]
+    assert kinds(server, keys, "r1") == ["start", "chunk", "chunk", "end"]
+    control = fakeredis.FakeRedis(server=server).xrange(keys.requests(0))
+    assert [fields[b"rid"] for _, fields in control] == [b"r0"]  # the lost one announced again; nothing for r1
