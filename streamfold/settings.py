@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         "CA certificates (PEM) that sign the Redis server's; default: the system's (rediss:// only)"))
     redis_tls_cert: FilePath | None = Field(None, description="client certificate (PEM) for TLS client authentication")
     redis_tls_key: FilePath | None = Field(None, description="the client certificate's private key (PEM)")
+    # --- Redis Cluster (README, "Redis Cluster") ---------------------------------------------------------
+    redis_cluster: bool = Field(False, description=(
+        "redis_url names a node of a Redis Cluster: every process speaks to the whole cluster"))
+    queue_redis_url: str | None = Field(None, description=(
+        "Redis of the rq job queue (redis:// or rediss://, standalone); required with redis_cluster, since rq "
+        "cannot run on a cluster; default: redis_url"))
+
     namespace: str = Field("streamfold", min_length=1, description="prefix of every key; namespaces never meet")
     shards: int = Field(1, ge=1, le=256, description="shard tags requests are spread over (Redis Cluster)")
     group: str = Field("workers", min_length=1, description="consumer group of the worker pool")
@@ -170,10 +177,19 @@ class Settings(BaseSettings):
             raise ValueError("redis_tls_cert and redis_tls_key go together")
         return self
 
+    @model_validator(mode="after")
+    def _queue_beside_a_cluster(self) -> Settings:
+        # rq's worker registration and job bookkeeping are multi-key commands across slots (rq #1942): on a
+        # cluster they fail with CROSSSLOT, so its queue needs a Redis of its own.
+        if self.redis_cluster and not self.queue_redis_url:
+            raise ValueError("redis_cluster needs queue_redis_url (STREAMFOLD_QUEUE_REDIS_URL): rq's job queue "
+                             "cannot live on a Redis Cluster; give it a standalone Redis")
+        return self
+
     def __repr_args__(self) -> Any:
         """What ``repr`` shows: every setting, but no password of the URL and no gateway key."""
         for name, value in super().__repr_args__():
-            if name == "redis_url":
+            if name in ("redis_url", "queue_redis_url") and value is not None:
                 value = redacted_url(value)
             elif name == "gateway_keys":
                 value = {client: "[redacted]" for client in value}
