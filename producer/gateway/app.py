@@ -220,6 +220,10 @@ def create_app(settings: Settings, *, metrics: GatewayMetrics | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.redis_cluster:
+            # redis-py's asyncio cluster client reads the cluster's layout on its first command; the hub's
+            # loops making their first reads at once race in it (a connection closed under another's write).
+            await gateway.redis.initialize()
         gateway.hub.start()
         try:
             yield
