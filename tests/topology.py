@@ -111,8 +111,12 @@ def start_cluster(root: Path, masters: int = 3) -> tuple[Topology, list[Server]]
     topology = Topology(root)
     nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                             "--cluster-node-timeout", "2000") for number in range(masters)]
-    if masters == 1:
-        nodes[0].client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    if masters < 3:  # redis-cli --cluster create wants three masters at least: split the slots by hand
+        for number, node in enumerate(nodes):
+            node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 16384 * number // masters,
+                                          16384 * (number + 1) // masters - 1)
+            if number:
+                nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
     else:
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
