@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description=(
         "redis_url names a node of a Redis Cluster: every process speaks to the whole cluster"))
     queue_redis_url: str | None = Field(None, description=(
-        "Redis of the rq job queue (redis:// or rediss://, standalone); required with redis_cluster, since rq "
-        "cannot run on a cluster; default: redis_url"))
+        "Redis of the rq job queue (redis:// or rediss://, standalone), when not redis_url's; required with "
+        "redis_cluster, since rq cannot run on a cluster"))
 
     namespace: str = Field("streamfold", min_length=1, description="prefix of every key; namespaces never meet")
     shards: int = Field(1, ge=1, le=256, description="shard tags requests are spread over (Redis Cluster)")

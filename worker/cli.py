@@ -56,7 +56,7 @@ STREAMFOLD_REDIS_PASSWORD. Needs Redis 7 (read-only key patterns and selectors).
 """
 
 PROG = "python -m worker"
-_CONNECTION = ("redis_url", "namespace", "shards", "socket_timeout")
+_CONNECTION = ("redis_url", "redis_cluster", "namespace", "shards", "socket_timeout")
 
 MODES_HELP = ("auto: incremental unless the stream is unmistakably cumulative; incremental: each chunk "
               "carries new text; cumulative: each chunk repeats the whole text so far (qwen-mt "
