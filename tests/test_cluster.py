@@ -166,6 +166,21 @@ def test_settings_refuse_a_cluster_without_a_queue_redis_of_its_own(monkeypatch:
         load_settings()
 
 
+def test_the_queue_redis_takes_its_own_urls_credentials_and_is_never_shown_with_its_password() -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:7000", redis_cluster=True, redis_username="streams",
+                        redis_password="streams-secret", queue_redis_url="redis://rq:queue-secret@127.0.0.1:6390/2")
+    queue = connect_queue(settings)
+    options = queue.connection_pool.connection_kwargs
+    assert (options["host"], options["port"], options["db"]) == ("127.0.0.1", 6390, 2)
+    assert (options["username"], options["password"]) == ("rq", "queue-secret")
+    assert "queue-secret" not in repr(settings) and "streams-secret" not in repr(settings)
+    bare = connect_queue(settings.model_copy(update={"queue_redis_url": "redis://127.0.0.1:6390/2"}))
+    assert (bare.connection_pool.connection_kwargs["username"], bare.connection_pool.connection_kwargs["password"]) \
+        == ("streams", "streams-secret")
+    queue.close()
+    bare.close()
+
+
 def test_a_worker_killed_mid_run_loses_nothing_and_every_request_ends_with_one_result(stack: ClusterStack) -> None:
     request_ids = {stack.enqueue(MODELS[number % len(MODELS)]): MODELS[number % len(MODELS)] for number in range(36)}
     assert {stack.settings.keys.shard(request_id) for request_id in request_ids} == set(range(SHARDS))
