@@ -107,10 +107,21 @@ class Topology:
 
 
 def start_cluster(root: Path, masters: int = 3) -> tuple[Topology, list[Server]]:
-    """A Redis Cluster of ``masters`` masters and no replicas, every slot served; its nodes' servers."""
+    """A Redis Cluster of ``masters`` masters and no replicas, every slot served; its nodes' servers. A cluster
+    that fails to form is stopped before the error leaves, so no server outlives it."""
     topology = Topology(root)
-    nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                            "--cluster-node-timeout", "2000") for number in range(masters)]
+    try:
+        nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                "--cluster-node-timeout", "2000") for number in range(masters)]
+        _form_cluster(nodes)
+    except BaseException:
+        topology.close()
+        raise
+    return topology, nodes
+
+
+def _form_cluster(nodes: list[Server]) -> None:
+    masters = len(nodes)
     if masters < 3:  # redis-cli --cluster create wants three masters at least: split the slots by hand
         for number, node in enumerate(nodes):
             node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 16384 * number // masters,
@@ -123,7 +134,6 @@ def start_cluster(root: Path, masters: int = 3) -> tuple[Topology, list[Server]]
     for node in nodes:
         wait_for(lambda node=node: node.client().cluster("info").get("cluster_state") == "ok", 30,
                  f"cluster node {node.port} to see every slot served")
-    return topology, nodes
 
 
 @dataclass
