@@ -3,6 +3,11 @@
 Run by hand against a Redis nobody else is using (it writes only keys of fresh namespaces and deletes them)::
 
     python bench/pipeline.py [--redis-url redis://127.0.0.1:6379/14] [--requests 2000] [--chunks 50]
+    python bench/pipeline.py --cluster [--requests 4000] [--shards 12] [--masters 1,2,3]
+
+With ``--cluster``, only the scale-out table: burst workers on Redis Clusters of 1, 2 and 3 masters with as
+many workers, next to one standalone Redis with 1, 2 and 3 workers (bench/scale_out.py); the job queue
+Redis a cluster needs in settings is ``--redis-url`` (unused by the workers).
 
 1. Throughput: ``requests`` x ``chunks`` chunk envelopes are written first; then one worker in burst mode
    (in this process) claims, reads, assembles and finishes them all. In turn with it, a bare redis-py
@@ -250,8 +255,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the paced run")
     parser.add_argument("--loads", default="0.25,0.5",
                         help="paced runs, each at this fraction of the worker's burst rate (default: 0.25,0.5)")
+    parser.add_argument("--cluster", action="store_true", help="the scale-out table instead (bench/scale_out.py)")
+    parser.add_argument("--shards", type=int, default=12, help="shard tags, with --cluster")
+    parser.add_argument("--masters", default="1,2,3", help="cluster sizes (and worker counts), with --cluster")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.cluster:
+        import scale_out
+        masters = [int(count) for count in args.masters.split(",")]
+        rows = scale_out.run(corpus(args.chunks), requests=args.requests, chunks=args.chunks, shards=args.shards,
+                             masters=masters, rounds=args.rounds, concurrency=args.concurrency,
+                             queue_url=args.redis_url)
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+              f"redis-py {redis.__version__}")
+        scale_out.show(rows, requests=args.requests, chunks=args.chunks, shards=args.shards, rounds=args.rounds)
+        return
 
     total = args.requests * args.chunks
     speed = throughput(args.redis_url, args.requests, args.chunks, args.concurrency, args.rounds)

@@ -35,9 +35,10 @@ PROG = "python -m producer"
 FAILOVER_PATIENCE = 30.0
 Command = Callable[[argparse.Namespace, Settings], int]
 
-_CONNECTION = ("redis_url", "redis_sentinels", "redis_sentinel_service", "namespace", "shards", "socket_timeout")
+_CONNECTION = ("redis_url", "redis_cluster", "redis_sentinels", "redis_sentinel_service", "namespace", "shards",
+               "socket_timeout")
 _READING = (*_CONNECTION, "block_ms", "read_count")
-_ENQUEUING = (*_CONNECTION, "queue", "job_timeout")
+_ENQUEUING = (*_CONNECTION, "queue_redis_url", "queue", "job_timeout")
 _PUBLISHING = (*_CONNECTION, "stream_max_age")
 _GATEWAY = (*_ENQUEUING, "block_ms", "read_count", "gateway_host", "gateway_port", "gateway_keys", "gateway_link_ttl",
             "result_ttl", "shutdown_grace", "metrics_port", "log_format")

@@ -30,7 +30,7 @@ from rq.job import Job, JobStatus
 
 from producer.publisher import Publisher, new_request_id
 from producer.runner.call import CANCELLED, CANCELLED_ERROR, crash_error
-from streamfold.connection import connect, connected, redis_errors
+from streamfold.connection import connect, connected, queue_connected, redis_errors
 from streamfold.contract import validate_request_id
 from streamfold.errors import ContractError, StreamfoldError
 from streamfold.genai import provider_of
@@ -54,23 +54,25 @@ def job_id(keys: Keys, request_id: str) -> str:
 
 def enqueue_chat_completion(params: Mapping[str, Any], *, upstream: str = DEFAULT_UPSTREAM,
                             request_id: str | None = None, meta: Mapping[str, Any] | None = None,
-                            client: redis.Redis | None = None, settings: Settings | None = None) -> str:
+                            client: redis.Redis | None = None, settings: Settings | None = None,
+                            queue: redis.Redis | None = None) -> str:
     """Enqueue one streamed chat completion and return its request id; its result arrives through the workers.
 
     ``params`` is the request body (``model``, ``messages``, ...); ``stream`` and ``stream_options`` are set by
     the job. When these settings list upstreams, an unknown ``upstream`` raises ConfigError here; otherwise the
     job runner fails the request. A request id can be enqueued only once (ContractError on a second time).
+    The job goes to rq's Redis: ``queue`` if given, else ``client`` unless ``queue_redis_url`` names another.
     """
     request_id = new_request_id() if request_id is None else validate_request_id(request_id)
     body, meta_dict = _json_object(params, "params"), _json_object(meta or {}, "meta")
-    with connected(client, settings) as (client, settings):
-        settings.require("upstreams")
-        if settings.upstreams:
-            settings.upstream(upstream)
-        queue = Queue(settings.queue, connection=client)
+    settings = load_settings() if settings is None else settings
+    settings.require("upstreams")
+    if settings.upstreams:
+        settings.upstream(upstream)
+    with queue_connected(queue, client, settings) as connection:
         try:
             with redis_errors(f"enqueuing request {request_id}"):
-                queue.enqueue_call(
+                Queue(settings.queue, connection=connection).enqueue_call(
                     run_chat_completion, kwargs={"request_id": request_id, "upstream": upstream, "params": body,
                                                  "meta": meta_dict},
                     job_id=job_id(settings.keys, request_id), unique=True, timeout=settings.job_timeout,
@@ -82,18 +84,21 @@ def enqueue_chat_completion(params: Mapping[str, Any], *, upstream: str = DEFAUL
     return request_id
 
 
-def cancel(request_id: str, *, client: redis.Redis | None = None, settings: Settings | None = None) -> bool:
+def cancel(request_id: str, *, client: redis.Redis | None = None, settings: Settings | None = None,
+           queue: redis.Redis | None = None) -> bool:
     """Cancel an enqueued request: it ends ``failed`` with an error of type ``cancelled``, exactly once.
 
     Returns True when the request is being (or already was) cancelled, False when there is no such job or it
-    already finished. A running job stops within about ``CANCEL_CHECK_INTERVAL`` of its next chunk.
+    already finished. A running job stops within about ``CANCEL_CHECK_INTERVAL`` of its next chunk. The job is
+    looked up in rq's Redis (``queue``, as ``enqueue_chat_completion`` picks it); the cancel key and the failure
+    go to the streams Redis (``client``).
     """
     validate_request_id(request_id)
-    with connected(client, settings) as (client, settings):
+    with connected(client, settings) as (client, settings), queue_connected(queue, client, settings) as jobs:
         keys = settings.keys
         with redis_errors(f"cancelling request {request_id}"):
             try:
-                job = Job.fetch(job_id(keys, request_id), connection=client)
+                job = Job.fetch(job_id(keys, request_id), connection=jobs)
             except NoSuchJobError:
                 return False
             if job.get_status() in _OVER:

@@ -4,10 +4,14 @@ Backends look a result up (``get_result``) or wait for it (``wait_for_result``, 
 polling); dashboards follow the results streams (``follow_results``); analytics consume usage events through
 a consumer group of their own (``UsageReader``), at their own pace and at least once; summaries read the
 stored usage events without a group (``stored_usage``).
+
+Every shard's stream is read on its own (``_read_each``): on a Redis Cluster the shards' streams sit in slots
+of their own, and one read naming streams of several slots is refused. Readers see the shards merged.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -104,10 +108,11 @@ def follow_results(client: redis.Redis, keys: Keys, *, from_start: bool = False,
 
 def _read_results(client: redis.Redis, positions: dict[str, bytes], block_ms: int | None,
                   count: int) -> Iterator[dict[str, Any]]:
+    turns = itertools.count()
     while True:
         with redis_errors("reading the results streams"):
-            response = _read_or_nothing(lambda: client.xread(_streams(positions), count=count, block=block_ms),
-                                        blocking=block_ms is not None)
+            response = _read_each(client, positions, block_ms, next(turns),
+                                  lambda target, streams, block: target.xread(streams, count=count, block=block))
         if not response:
             if block_ms is not None:
                 continue
@@ -167,6 +172,7 @@ class UsageReader:
         self._from_start = from_start
         self._count = count
         self._streams = [keys.usage(shard) for shard in keys.shard_ids()]
+        self._turns = itertools.count()
         # Own pending entries are re-read from id 0 first; a stream leaves this map once it returns none.
         self._pending_from: dict[str, bytes] = {name: b"0" for name in self._streams}
 
@@ -234,9 +240,9 @@ class UsageReader:
                     self._pending_from[entry.stream] = b"0"
 
     def _read(self, positions: Mapping[str, bytes], block_ms: int | None, *, pending: bool) -> list[UsageEntry]:
-        response = _read_or_nothing(lambda: self._client.xreadgroup(
-            self._group, self._consumer, _streams(positions), count=self._count, block=block_ms),
-            blocking=block_ms is not None)
+        response = _read_each(self._client, positions, block_ms, next(self._turns),
+                              lambda target, streams, block: target.xreadgroup(
+                                  self._group, self._consumer, streams, count=self._count, block=block))
         entries: list[UsageEntry] = []
         gone: list[UsageEntry] = []
         seen: set[str] = set()
@@ -265,6 +271,34 @@ def _last_id(client: redis.Redis, name: str) -> bytes:
     """
     last = cast("list[_Entry]", client.xrevrange(name, count=1))
     return last[0][0] if last else b"0-0"
+
+
+# A read of some streams: on the client or on a pipeline, blocking up to the given ms (None: not at all).
+_Read = Callable[[Any, "dict[KeyT, StreamIdT]", "int | None"], Any]
+
+
+def _read_each(client: redis.Redis, positions: Mapping[str, bytes], block_ms: int | None, turn: int,
+               read: _Read) -> list[Any]:
+    """An XREAD-shaped answer for these streams (one per shard), each named by a read of its own.
+
+    One stream is read as it is. Several are read without blocking, in one round trip (a cluster client
+    splits it by node); only when none has anything does one of them - the ``turn``-th, so each gets its
+    turn - block for a share of ``block_ms``. A wait longer than that share is no busier than one read, and
+    every stream is looked at on every round, so none starves.
+    """
+    names = list(positions)
+    if len(names) == 1:
+        return list(_read_or_nothing(lambda: read(client, _streams(positions), block_ms),
+                                     blocking=block_ms is not None) or [])
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            read(pipe, _streams({name: positions[name]}), None)
+        replies = [stream for reply in pipe.execute() for stream in (reply or [])]
+    if replies or block_ms is None:
+        return replies
+    name = names[turn % len(names)]
+    share = min(block_ms, max(5, block_ms // len(names)))
+    return list(_read_or_nothing(lambda: read(client, _streams({name: positions[name]}), share), blocking=True) or [])
 
 
 def _read_or_nothing(read: Callable[[], Any], *, blocking: bool) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 from producer.runner.calls import connect_async
 from producer.runner.loop import Runner
 from producer.upstream import RedactingFilter, configured_secrets
-from streamfold.connection import connect, preflight
+from streamfold.connection import connect, connect_queue, preflight
 from streamfold.errors import ConfigError
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings
@@ -48,7 +48,9 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         handler.addFilter(redacting)
     name = name or runner_name()
     port = metrics_port if metrics_port is not None else settings.metrics_port
-    with connect(settings) as client:
+    with connect(settings) as streams:
+        preflight(streams)
+    with connect_queue(settings) as client:  # rq's Redis: the streams Redis unless a cluster holds those
         preflight(client)
         runner = Runner(settings, client, connect_async(settings), name=name, concurrency=concurrency, burst=burst)
         if port is not None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
 from redis.connection import parse_url
+import redis.asyncio.cluster
+import redis.cluster
 
 from streamfold.errors import ConfigError
 from streamfold.errors import RedisRefused, RedisUnavailable
@@ -31,9 +34,11 @@ def connect(settings: Settings) -> redis.Redis:
     outlives its socket timeout into a TimeoutError instead of an empty answer. A URL redis-py cannot read
     is a ConfigError. ``rediss://`` speaks TLS, verifying the server's certificate and host name against
     ``redis_tls_ca`` (or the system's CAs) and presenting ``redis_tls_cert`` when set; ``redis_username``
-    and ``redis_password`` replace the URL's. With ``redis_sentinels``, the client is the Sentinels' current
-    primary (``primary_through_sentinel``).
+    and ``redis_password`` replace the URL's. With ``redis_cluster``, a client of the whole cluster; with
+    ``redis_sentinels``, the client is the Sentinels' current primary (``primary_through_sentinel``).
     """
+    if settings.redis_cluster:
+        return connect_cluster(settings)
     if settings.redis_sentinels:
         return primary_through_sentinel(settings)
     try:
@@ -47,6 +52,8 @@ def connect_async(settings: Settings, *, connections: int = 100) -> redis.asynci
     holds at most ``connections``; a command that finds them all busy waits for one, up to the socket timeout
     (redis-py's default pool fails it at once with "Too many connections": a gateway relaying a thousand
     streams on a busy loop lost streams that way)."""
+    if settings.redis_cluster:
+        return connect_cluster_async(settings, connections=connections)
     if settings.redis_sentinels:
         return primary_through_sentinel_async(settings)
     try:
@@ -56,6 +63,67 @@ def connect_async(settings: Settings, *, connections: int = 100) -> redis.asynci
     except ValueError as exc:
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
     return redis.asyncio.Redis.from_pool(pool)
+
+
+def connect_cluster(settings: Settings) -> redis.Redis:
+    """A client of the Redis Cluster that ``settings.redis_url`` names a node of, with ``client_options``.
+
+    redis-py's ``RedisCluster`` finds the other nodes from that one, sends each command to the node serving
+    its key's slot, follows MOVED and ASK, and refuses a multi-key command across slots before sending it.
+    It is not a ``redis.Redis``, but speaks the same commands, pipelines (split by node; a transaction must
+    stay in one slot) and scripts, which is all Streamfold asks of a client: typed as one, so every reader
+    and writer takes either.
+    """
+    try:
+        client = redis.cluster.RedisCluster.from_url(settings.redis_url, **_cluster_options(settings))
+    except ValueError as exc:
+        raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:  # it asks the node for the layout at once
+        raise _first_contact(exc) from exc
+    return cast(redis.Redis, client)
+
+
+def connect_cluster_async(settings: Settings, *, connections: int = 100) -> redis.asyncio.Redis:
+    """The asyncio counterpart of ``connect_cluster``: at most ``connections`` per node. The cluster's
+    layout is read on the first command."""
+    try:
+        client = redis.asyncio.cluster.RedisCluster.from_url(settings.redis_url, max_connections=connections,
+                                                              **_cluster_options(settings))
+    except ValueError as exc:
+        raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
+    return cast(redis.asyncio.Redis, client)
+
+
+def connect_queue(settings: Settings) -> redis.Redis:
+    """A client for the rq job queue's Redis: ``queue_redis_url``, or ``redis_url`` when that is unset (then
+    never a cluster: ``Settings`` requires a queue URL with ``redis_cluster``). The timeouts and bytes of
+    ``client_options``; the credentials of its own URL when it has them, otherwise the streams Redis's; TLS
+    for a ``rediss://`` URL."""
+    if settings.queue_redis_url is None:
+        return connect(settings)  # the streams' Redis, through Sentinel when it is managed so
+    url = settings.queue_redis_url
+    options = client_options(settings.model_copy(update={"redis_url": url}))
+    if urlsplit(url).password is not None:
+        options.pop("username", None)
+        options.pop("password", None)
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ConfigError(f"bad STREAMFOLD_QUEUE_REDIS_URL: {exc}") from None
+
+
+def _cluster_options(settings: Settings) -> dict[str, Any]:
+    options = client_options(settings)
+    # A cluster client checks a connection's health on its own (it re-reads the layout on a connection
+    # error); the synchronous one takes no interval.
+    options.pop("health_check_interval")
+    return options
+
+
+def _first_contact(exc: Exception) -> Exception:
+    if cannot_serve(exc) or isinstance(exc, redis.exceptions.RedisClusterException):
+        return RedisUnavailable(f"Redis Cluster unavailable: {type(exc).__name__}: {exc}")
+    return RedisRefused(f"Redis Cluster refused the first command: {exc}")
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -188,6 +256,9 @@ def _ask_sentinels(sentinel: redis.sentinel.Sentinel, service: str) -> None:
 
 
 def _address(client: redis.Redis) -> str:
+    if isinstance(client, redis.cluster.RedisCluster):
+        node = client.get_default_node()
+        return f"cluster node {node.host}:{node.port}"
     pool = client.connection_pool
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
         sentinels = ",".join(map(_host, pool.sentinel_manager.sentinels))
@@ -233,3 +304,17 @@ def connected(client: redis.Redis | None, settings: Settings | None) -> Iterator
         return
     with connect(settings) as own:
         yield own, settings
+
+
+@contextmanager
+def queue_connected(queue: redis.Redis | None, client: redis.Redis | None,
+                    settings: Settings) -> Iterator[redis.Redis]:
+    """A client of rq's Redis: ``queue`` when given; else ``client`` when the queue shares the streams Redis
+    (no ``queue_redis_url``); else one of ``connect_queue``'s, closed afterwards."""
+    if queue is not None:
+        yield queue
+    elif client is not None and not settings.queue_redis_url:
+        yield client
+    else:
+        with connect_queue(settings) as own:
+            yield own

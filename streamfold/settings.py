@@ -80,6 +80,13 @@ class Settings(BaseSettings):
         "so a failover loses none of them; 0: the primary's acknowledgement is enough"))
     redis_wait_timeout_ms: int = Field(500, ge=1, description=(
         "longest a batch waits for redis_wait_replicas, ms; a batch not confirmed by then is sent again"))
+    # --- Redis Cluster (README, "Redis Cluster") ---------------------------------------------------------
+    redis_cluster: bool = Field(False, description=(
+        "redis_url names a node of a Redis Cluster: every process speaks to the whole cluster"))
+    queue_redis_url: str | None = Field(None, description=(
+        "Redis of the rq job queue (redis:// or rediss://, standalone), when not redis_url's; required with "
+        "redis_cluster, since rq cannot run on a cluster"))
+
     namespace: str = Field("streamfold", min_length=1, description="prefix of every key; namespaces never meet")
     shards: int = Field(1, ge=1, le=256, description="shard tags requests are spread over (Redis Cluster)")
     group: str = Field("workers", min_length=1, description="consumer group of the worker pool")
@@ -170,6 +177,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _sentinels_name_their_service(self) -> Settings:
+        if self.redis_sentinels and self.redis_cluster:
+            raise ValueError("redis_sentinels and redis_cluster exclude each other: a cluster fails over by itself")
         if self.redis_sentinels and self.redis_sentinel_service is None:
             raise ValueError("redis_sentinels need redis_sentinel_service: the name of the primary they monitor")
         if self.redis_wait_timeout_ms / 1000 >= self.socket_timeout:
@@ -196,10 +205,19 @@ class Settings(BaseSettings):
             raise ValueError("redis_tls_cert and redis_tls_key go together")
         return self
 
+    @model_validator(mode="after")
+    def _queue_beside_a_cluster(self) -> Settings:
+        # rq's worker registration and job bookkeeping are multi-key commands across slots (rq #1942): on a
+        # cluster they fail with CROSSSLOT, so its queue needs a Redis of its own.
+        if self.redis_cluster and not self.queue_redis_url:
+            raise ValueError("redis_cluster needs queue_redis_url (STREAMFOLD_QUEUE_REDIS_URL): rq's job queue "
+                             "cannot live on a Redis Cluster; give it a standalone Redis")
+        return self
+
     def __repr_args__(self) -> Any:
         """What ``repr`` shows: every setting, but no password of the URL and no gateway key."""
         for name, value in super().__repr_args__():
-            if name == "redis_url":
+            if name in ("redis_url", "queue_redis_url") and value is not None:
                 value = redacted_url(value)
             elif name == "gateway_keys":
                 value = {client: "[redacted]" for client in value}

@@ -107,19 +107,33 @@ class Topology:
 
 
 def start_cluster(root: Path, masters: int = 3) -> tuple[Topology, list[Server]]:
-    """A Redis Cluster of ``masters`` masters and no replicas, every slot served; its nodes' servers."""
+    """A Redis Cluster of ``masters`` masters and no replicas, every slot served; its nodes' servers. A cluster
+    that fails to form is stopped before the error leaves, so no server outlives it."""
     topology = Topology(root)
-    nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                            "--cluster-node-timeout", "2000") for number in range(masters)]
-    if masters == 1:
-        nodes[0].client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    try:
+        nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                "--cluster-node-timeout", "2000") for number in range(masters)]
+        _form_cluster(nodes)
+    except BaseException:
+        topology.close()
+        raise
+    return topology, nodes
+
+
+def _form_cluster(nodes: list[Server]) -> None:
+    masters = len(nodes)
+    if masters < 3:  # redis-cli --cluster create wants three masters at least: split the slots by hand
+        for number, node in enumerate(nodes):
+            node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 16384 * number // masters,
+                                          16384 * (number + 1) // masters - 1)
+            if number:
+                nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
     else:
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
     for node in nodes:
         wait_for(lambda node=node: node.client().cluster("info").get("cluster_state") == "ok", 30,
                  f"cluster node {node.port} to see every slot served")
-    return topology, nodes
 
 
 @dataclass

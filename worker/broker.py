@@ -407,7 +407,8 @@ class Broker:
             with self._redis.pipeline(transaction=False) as pipe:
                 for index in todo:
                     keys, args = calls[index]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    # As a command: redis-py's cluster pipeline refuses its evalsha method, not EVALSHA.
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 replies = pipe.execute(raise_on_error=False)
             refused = []
             for index, reply in zip(todo, replies):

@@ -56,7 +56,8 @@ STREAMFOLD_REDIS_PASSWORD. Needs Redis 7 (read-only key patterns and selectors).
 """
 
 PROG = "python -m worker"
-_CONNECTION = ("redis_url", "redis_sentinels", "redis_sentinel_service", "namespace", "shards", "socket_timeout")
+_CONNECTION = ("redis_url", "redis_cluster", "redis_sentinels", "redis_sentinel_service", "namespace", "shards",
+               "socket_timeout")
 
 MODES_HELP = ("auto: incremental unless the stream is unmistakably cumulative; incremental: each chunk "
               "carries new text; cumulative: each chunk repeats the whole text so far (qwen-mt "

@@ -124,7 +124,7 @@ def take_sample(client: redis.Redis, settings: Settings) -> Sample:
     r: Any = client
     with unavailable():
         with r.pipeline(transaction=False) as pipe:
-            pipe.time()
+            pipe.execute_command("TIME")  # not pipe.time(), which redis-py's cluster pipeline refuses
             pipe.hgetall(keys.workers())
             for shard in shards:
                 pipe.xinfo_stream(keys.requests(shard))

@@ -11,7 +11,7 @@ import logging
 from producer.gateway.access import LOOPBACK_HOSTS
 from producer.gateway.app import create_app
 from producer.gateway.metrics import GatewayMetrics
-from streamfold.connection import connect, preflight
+from streamfold.connection import connect, connect_queue, preflight
 from streamfold.errors import ConfigError
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import load_settings
@@ -30,8 +30,9 @@ def serve(*, host: str | None = None, port: int | None = None, metrics_port: int
 
     settings = load_settings()
     settings.require("upstreams", "gateway_keys")
-    with connect(settings) as client:
+    with connect(settings) as client, connect_queue(settings) as queue:
         preflight(client)
+        preflight(queue)
     configure_logging(log_format or settings.log_format)
     log = EventLog(logging.getLogger("streamfold.gateway"))
     host = host or settings.gateway_host

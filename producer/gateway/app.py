@@ -43,7 +43,7 @@ from producer.gateway.translate import native_body
 from producer.jobs import cancel, enqueue_chat_completion, job_id
 from producer.publisher import new_request_id
 from streamfold import contract
-from streamfold.connection import connect, connect_async
+from streamfold.connection import connect, connect_async, connect_queue
 from streamfold.errors import ConfigError, ContractError, RedisRefused, RedisUnavailable, StreamfoldError
 from streamfold.logs import EventLog
 from streamfold.settings import DEFAULT_UPSTREAM, Settings
@@ -69,7 +69,10 @@ class Gateway:
         self.gate = Gatekeeper(settings.gateway_keys, link_ttl=settings.gateway_link_ttl)
         self.metrics = metrics or GatewayMetrics()
         self.redis: Any = connect_async(settings)
-        self.sync = connect(settings)  # rq is synchronous: enqueue and cancel run on a thread with this client
+        # rq is synchronous: enqueue and cancel run on a thread, with these clients of the streams Redis and of
+        # rq's (the same Redis unless the streams live on a cluster).
+        self.sync = connect(settings)
+        self.queue = connect_queue(settings)
         self.hub = StreamHub(self.redis, self.keys, block_ms=settings.block_ms, count=settings.read_count)
         self.limits = Limits.from_settings(settings)
         self.metrics.watch_followers(lambda: self.hub.followed)
@@ -78,6 +81,7 @@ class Gateway:
         await self.hub.close()
         await self.redis.aclose()
         self.sync.close()
+        self.queue.close()
 
     # --- who owns a request ------------------------------------------------------------------------------
 
@@ -97,7 +101,7 @@ class Gateway:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
         try:
-            job = Job.fetch(job_id(self.keys, request_id), connection=self.sync)
+            job = Job.fetch(job_id(self.keys, request_id), connection=self.queue)
         except NoSuchJobError:
             return None
         meta = job.kwargs.get("meta")
@@ -188,7 +192,7 @@ class Gateway:
                 return str(earlier["request_id"]), False
         try:
             await asyncio.to_thread(enqueue_chat_completion, params, upstream=upstream, request_id=request_id,
-                                    meta=meta, client=self.sync, settings=self.settings)
+                                    meta=meta, client=self.sync, settings=self.settings, queue=self.queue)
         except BaseException:
             if idempotency_key is not None:
                 await self.redis.delete(key)
@@ -216,6 +220,10 @@ def create_app(settings: Settings, *, metrics: GatewayMetrics | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.redis_cluster:
+            # redis-py's asyncio cluster client reads the cluster's layout on its first command; the hub's
+            # loops making their first reads at once race in it (a connection closed under another's write).
+            await gateway.redis.initialize()
         gateway.hub.start()
         try:
             yield
@@ -276,7 +284,8 @@ def create_app(settings: Settings, *, metrics: GatewayMetrics | None = None) -> 
 
     async def delete_request(request: Request) -> Response:
         request_id, _ = await _reader(request, watch_allowed=False)
-        cancelled = await asyncio.to_thread(cancel, request_id, client=gateway.sync, settings=settings)
+        cancelled = await asyncio.to_thread(cancel, request_id, client=gateway.sync, settings=settings,
+                                            queue=gateway.queue)
         return JSONResponse({"request_id": request_id, "cancelled": cancelled})
 
     async def link(request: Request) -> Response:

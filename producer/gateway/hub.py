@@ -150,9 +150,14 @@ class StreamHub:
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except redis.RedisError as exc:
-                level = logging.WARNING if cannot_serve(exc) else logging.ERROR
-                log.log(level, "hub_read_failed", error=str(exc), retry_in_s=backoff)
+            except Exception as exc:  # a shard's loop must never end: its followers would wait for ever
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Python 3.11's timeouts can turn a cancel that lands as a read times out into a
+                    # TimeoutError, which redis-py raises as its own: the hub was closed meanwhile.
+                    raise asyncio.CancelledError from exc
+                level = logging.WARNING if isinstance(exc, redis.RedisError) and cannot_serve(exc) else logging.ERROR
+                log.log(level, "hub_read_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 

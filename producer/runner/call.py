@@ -228,7 +228,8 @@ class CancelWatch:
             by_shard.setdefault(self._keys.shard(request_id), []).append(request_id)
         async with self._client.pipeline(transaction=False) as pipe:
             for request_ids in by_shard.values():
-                pipe.mget([self._keys.cancel(rid) for rid in request_ids])
+                # One MGET per shard (one slot), as a command: a cluster pipeline refuses its mget method.
+                pipe.execute_command("MGET", *(self._keys.cancel(rid) for rid in request_ids))
             replies = await pipe.execute()
         for request_ids, values in zip(by_shard.values(), replies):
             for request_id, value in zip(request_ids, values):

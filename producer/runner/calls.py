@@ -24,7 +24,7 @@ from producer.jobs import job_id
 from producer.runner.call import Call, CancelWatch, Outcome
 from producer.runner.publishing import Batcher, RequestStream
 from producer.upstream import RetryPolicy, UpstreamClient
-from streamfold.connection import client_options, primary_through_sentinel_async
+from streamfold.connection import client_options, connect_cluster_async, primary_through_sentinel_async
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import ConfigError
 from streamfold.genai import provider_of
@@ -51,7 +51,11 @@ def connect_async(settings: Settings, *, connections: int = REDIS_CONNECTIONS) -
     (bytes back, timeouts, a health check, the credentials and TLS). Its pool holds at most ``connections``; a command that finds
     them all busy waits for one (rather than failing, as redis-py's default pool does past 100), so a
     thousand calls starting at once queue for Redis instead of erroring. A URL redis-py cannot read is a
-    ConfigError. With ``redis_sentinels``, the pool is the same, of connections to the Sentinels' primary."""
+    ConfigError. With ``redis_sentinels``, the pool is the same, of connections to the Sentinels' primary. With
+    ``redis_cluster``, a cluster client (``streamfold.connection.connect_cluster_async``): its commands go to
+    each key's node, the Batcher's batches through its pipeline, split by node."""
+    if settings.redis_cluster:
+        return connect_cluster_async(settings, connections=max(connections, 100))
     tls = settings.redis_url.startswith("rediss://")
     if settings.redis_sentinels:
         return primary_through_sentinel_async(

@@ -54,7 +54,8 @@ class Lease:
             await pipe.watch(self._calls)
             if await pipe.hlen(self._calls):
                 pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.rename(self._calls, self.keys.runner_calls(leftover))
+                # As a command: a cluster pipeline refuses its rename method (both keys share {runners}).
+                pipe.execute_command("RENAME", self._calls, self.keys.runner_calls(leftover))
                 pipe.zadd(self.keys.runner_leases(), {leftover: 0})
                 await pipe.execute()
         await self._renew("join")
@@ -84,9 +85,10 @@ class Lease:
             await patiently(lambda: self.client.hdel(self._calls, *request_ids), "forgetting a call")
 
     async def expired_peers(self) -> list[str]:
-        """Runners whose lease has run out, by Redis's clock."""
+        """Runners whose lease has run out, by Redis's clock. On a cluster the clock may be another node's:
+        only a first pick, since takeover.lua decides on the clock of the node holding the leases."""
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.time()
+            pipe.execute_command("TIME")  # not pipe.time(), which a cluster pipeline refuses
             pipe.zrange(self.keys.runner_leases(), 0, -1, withscores=True)
             (seconds, micros), leases = await pipe.execute()
         now_ms = seconds * 1000 + micros // 1000

@@ -320,7 +320,8 @@ def test_the_cancel_keys_of_every_call_in_flight_are_read_in_one_round_trip(sett
         async def __aexit__(self, *exc: object) -> None:
             return None
 
-        def mget(self, keys: list[str]) -> None:
+        def execute_command(self, command: str, *keys: str) -> None:
+            assert command == "MGET"
             self.keys.extend(keys)
 
         async def execute(self) -> list[list[bytes | None]]:
