@@ -18,8 +18,8 @@ Faults. Every ``--kill-every`` seconds a random worker or runner gets SIGKILL an
 under the same name, as a supervisor would. A process that exits unasked is started again and reported.
 
 Retention. Results, usage events and dead letters are kept ``--retention`` seconds (chunks, result lookups,
-the output streams' max ages, rq's job records), request id claims twice that, so that Redis reaches a steady
-state within the run rather than in a day. This process reads the results, usage and dead-letter streams
+the output streams' max ages, rq's job records), request id claims and call claims (the cancel keys) twice
+that, so that Redis reaches a steady state within the run rather than in a day. This process reads the results, usage and dead-letter streams
 through consumer groups of its own, so that trimming never drops an entry before it was counted.
 
 Samples, every ``--sample-every`` seconds: Redis ``used_memory``, DBSIZE and keys by kind, the streams'
@@ -124,7 +124,8 @@ class Soak:
                     "STREAMFOLD_QUEUE": self.namespace, "STREAMFOLD_UPSTREAMS": json.dumps(upstreams),
                     "BENCH_KEY": "sk-bench", "STREAMFOLD_CHUNK_TTL": str(keep), "STREAMFOLD_RESULT_TTL": str(keep),
                     "STREAMFOLD_RESULTS_MAX_AGE": str(keep), "STREAMFOLD_USAGE_MAX_AGE": str(keep),
-                    "STREAMFOLD_DEAD_LETTER_MAX_AGE": str(keep), "STREAMFOLD_STREAM_MAX_AGE": str(2 * keep)}
+                    "STREAMFOLD_DEAD_LETTER_MAX_AGE": str(keep), "STREAMFOLD_STREAM_MAX_AGE": str(2 * keep),
+                    "STREAMFOLD_CANCEL_TTL": str(2 * keep)}
         self.commands = {"redis": [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
                                    "--save", "", "--appendonly", "no"],
                          "mock": [sys.executable, "-m", "producer", "mock-upstream", "--port", str(mock_port)]}
@@ -327,12 +328,13 @@ class Soak:
                 and last["pending: rq taken, not started"] == 0)
 
 
-KEY_KINDS = ("chunk streams", "result lookups", "done markers", "id claims", "rq", "runner calls", "other")
+KEY_KINDS = ("chunk streams", "result lookups", "done markers", "id claims", "call claims", "rq", "runner calls",
+             "other")
 
 
 def key_kind(key: str) -> str:
     for marker, kind in ((":chunks:", "chunk streams"), (":result:", "result lookups"), (":done:", "done markers"),
-                         (":owner:", "id claims"), (":calls:", "runner calls")):
+                         (":owner:", "id claims"), (":cancel:", "call claims"), (":calls:", "runner calls")):
         if marker in key:
             return kind
     return "rq" if key.startswith("rq:") else "other"
@@ -512,6 +514,8 @@ def main() -> int:
     args = parser.parse_args()
     load_end = args.minutes * 60
     warmup = min(2.0 * args.retention, load_end / 2)
+    # SIGTERM ends the run as Ctrl-C does: through Soak.__exit__, which stops every process it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(2))
     with Soak(args) as soak:
         print(f"machine: {machine()}, load average {os.getloadavg()[0]:.1f} at the start")
         print(f"logs: {soak.logs}, Redis: {soak.url}, namespace and queue: {soak.namespace}", file=sys.stderr)
