@@ -15,17 +15,20 @@ one poisoned request, in turn: a chunk that is not JSON, a usage object nested p
 chunk-stream key holding a string, a control entry whose request id is not UTF-8.
 
 Faults. Every ``--kill-every`` seconds a random worker or runner gets SIGKILL and is started again at once
-under the same name, as a supervisor would. A process that exits unasked is started again and reported.
+under the same name, as a supervisor would. The kills fall a few milliseconds after an enqueue (the two
+schedules meet), when a runner is likeliest to hold a job it has just taken. A process that exits unasked is
+started again and reported.
 
 Retention. Results, usage events and dead letters are kept ``--retention`` seconds (chunks, result lookups,
-the output streams' max ages, rq's job records), request id claims and call claims (the cancel keys) twice
-that, so that Redis reaches a steady state within the run rather than in a day. This process reads the results, usage and dead-letter streams
+the output streams' max ages, rq's job records), request id claims twice that and call claims (the cancel
+keys: job timeout + cancel TTL) three times, so that Redis reaches a steady state within the run rather than
+in a day. This process reads the results, usage and dead-letter streams
 through consumer groups of its own, so that trimming never drops an entry before it was counted.
 
 Samples, every ``--sample-every`` seconds: Redis ``used_memory``, DBSIZE and keys by kind, the streams'
 lengths, requests pending in the worker group, calls held by runners, jobs queued in rq, and each process's
 RSS (from /proc). Memory is flat when the median of the last minute is the first minute's after the warm-up
-(twice the retention), and the least-squares slope after the warm-up is near zero.
+(three times the retention), and the least-squares slope after the warm-up is near zero.
 
 Accounting, once the load stops and everything drained: every request has exactly one result (completed,
 failed or incomplete) and one usage event, every poisoned one its dead letter and the status it must have,
@@ -105,6 +108,8 @@ class Ledger:
 
 
 class Soak:
+    """The processes under test, the load sent to them, and what is sampled and counted of them."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.random = random.Random(args.seed)
@@ -116,16 +121,18 @@ class Soak:
                      "erroring": {"base_url": mock + "&mock_error_after=3", "api_key_env": "BENCH_KEY"},
                      "cut": {"base_url": mock + "&mock_disconnect_after=3", "api_key_env": "BENCH_KEY"}}
         keep = args.retention
+        # A call's claim lives job_timeout + cancel_ttl; rq keeps a job's record result_ttl (the enqueuer's).
+        retention = {"chunk_ttl": keep, "result_ttl": keep, "results_max_age": keep, "usage_max_age": keep,
+                     "dead_letter_max_age": keep, "stream_max_age": 2 * keep, "job_timeout": 2 * keep,
+                     "cancel_ttl": keep}
         self.settings = Settings(redis_url=self.url, namespace=self.namespace, queue=self.namespace,
-                                 upstreams=upstreams, stream_max_age=2 * keep)
+                                 upstreams=upstreams, **retention)
         self.keys = self.settings.keys
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("STREAMFOLD_")},
                     "STREAMFOLD_REDIS_URL": self.url, "STREAMFOLD_NAMESPACE": self.namespace,
                     "STREAMFOLD_QUEUE": self.namespace, "STREAMFOLD_UPSTREAMS": json.dumps(upstreams),
-                    "BENCH_KEY": "sk-bench", "STREAMFOLD_CHUNK_TTL": str(keep), "STREAMFOLD_RESULT_TTL": str(keep),
-                    "STREAMFOLD_RESULTS_MAX_AGE": str(keep), "STREAMFOLD_USAGE_MAX_AGE": str(keep),
-                    "STREAMFOLD_DEAD_LETTER_MAX_AGE": str(keep), "STREAMFOLD_STREAM_MAX_AGE": str(2 * keep),
-                    "STREAMFOLD_CANCEL_TTL": str(2 * keep)}
+                    "BENCH_KEY": "sk-bench", **{f"STREAMFOLD_{name.upper()}": str(value)
+                                                for name, value in retention.items()}}
         self.commands = {"redis": [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
                                    "--save", "", "--appendonly", "no"],
                          "mock": [sys.executable, "-m", "producer", "mock-upstream", "--port", str(mock_port)]}
@@ -513,7 +520,7 @@ def main() -> int:
                         help="the plot (PNG); the samples go beside it as .csv (default docs/soak.png)")
     args = parser.parse_args()
     load_end = args.minutes * 60
-    warmup = min(2.0 * args.retention, load_end / 2)
+    warmup = min(3.0 * args.retention, load_end / 2)
     # SIGTERM ends the run as Ctrl-C does: through Soak.__exit__, which stops every process it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(2))
     with Soak(args) as soak:
