@@ -15,6 +15,7 @@ function is not ``producer.jobs.run_chat_completion`` are failed with a message 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import redis
@@ -30,6 +31,7 @@ from rq.worker import BaseWorker, WorkerStatus
 CALL_FUNCTION = "producer.jobs.run_chat_completion"
 # How long an execution's registry entry lives without a heartbeat: rq's own margin over its interval.
 EXECUTION_TTL_MARGIN = 60
+REQUEUE_SCRIPT = resources.files("producer").joinpath("lua", "requeue.lua").read_text()
 
 
 @dataclass
@@ -56,14 +58,17 @@ class RunnerWorker(BaseWorker):
 
 
 class RqBridge:
-    """The verbs the runner needs of rq; ``worker`` is the registered rq worker (its name is the runner's)."""
+    """The verbs the runner needs of rq; ``worker`` is the registered rq worker (its name is the runner's);
+    ``held`` is the runner's calls hash, where the calls it takes are recorded as they are marked started."""
 
-    def __init__(self, client: redis.Redis, queue: str, name: str, *, heartbeat_s: float) -> None:
-        self.client = client
+    def __init__(self, client: redis.Redis, queue: str, name: str, *, heartbeat_s: float,
+                 held: str | None = None) -> None:
+        self.client, self.held = client, held
         self.worker = RunnerWorker([queue], name=name, connection=client, job_monitoring_interval=int(heartbeat_s),
                                    worker_ttl=int(heartbeat_s) + EXECUTION_TTL_MARGIN)
         self.worker.log_result_lifespan = False
         self.queue = self.worker.queues[0]
+        self._requeue = client.register_script(REQUEUE_SCRIPT)
 
     def join(self) -> None:
         """Register with rq. A registration of this name left by a process that died (a restart under the same
@@ -92,7 +97,9 @@ class RqBridge:
             return [], []
         jobs = [first[0], *self._dequeue_more(count - 1)]
         refused = [(job, problem) for job in jobs if (problem := foreign(job)) is not None]
-        taken = self._start_all(jobs)
+        refused_ids = {job.id for job, _ in refused}
+        calls = [str(job.kwargs.get("request_id")) for job in jobs if job.id not in refused_ids]
+        taken = self._start_all(jobs, hold=calls)
         for job, problem in refused:
             self.fail(taken.pop(job.id), problem)
         return list(taken.values()), refused
@@ -113,10 +120,14 @@ class RqBridge:
             self.queue.intermediate_queue.remove(job_id)
         return [job for job in jobs if job is not None]
 
-    def _start_all(self, jobs: list[Job]) -> dict[str, Taken]:
+    def _start_all(self, jobs: list[Job], hold: list[str] | None = None) -> dict[str, Taken]:
         """Mark jobs started, in one round trip: what rq's ``prepare_execution`` and ``prepare_job_execution``
         do for each (an execution record in the StartedJobRegistry and the worker's index, the job's status,
-        out of the intermediate queue), with the worker's heartbeat once."""
+        out of the intermediate queue), with the worker's heartbeat once.
+
+        ``hold``: request ids recorded in this runner's calls hash in the same transaction, so that a runner
+        killed the moment after leaves them where a live runner's takeover finds them, rather than started in rq
+        and held by no one."""
         worker, started = self.worker, {}
         with self.client.pipeline() as pipe:
             for job in jobs:
@@ -127,6 +138,8 @@ class RqBridge:
                 pipe.persist(job.key)
                 pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
                 started[job.id] = Taken(job, self.queue, execution)
+            if hold and self.held is not None:
+                pipe.hset(self.held, mapping=dict.fromkeys(hold, 0))
             worker.heartbeat(worker.get_heartbeat_ttl(jobs[0]) + EXECUTION_TTL_MARGIN, pipeline=pipe)
             worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
             pipe.execute()
@@ -210,6 +223,26 @@ class RqBridge:
             taken.job.set_status(JobStatus.QUEUED, pipeline=pipe)
             pipe.execute()
         taken.queue.push_job_id(taken.job.id, at_front=True)
+
+    def requeue_stranded(self, seen: dict[str, float], after_s: float, now: float) -> list[str]:
+        """Jobs a dequeue moved out of the queue and never marked started - its runner died between the two
+        round trips - put back at the front of the queue (producer/lua/requeue.lua) once this runner has seen
+        them stranded for ``after_s`` seconds, far longer than a live runner takes between the two. ``seen``
+        (job id -> when first seen) is the caller's memory between passes. Returns the jobs put back.
+
+        rq's own clean-up would fail them after a minute or more, and the request would never get a result.
+        """
+        stranded = {raw.decode() if isinstance(raw, bytes) else raw
+                    for raw in self.client.lrange(self.queue.intermediate_queue_key, 0, -1)}
+        for job_id in set(seen) - stranded:
+            del seen[job_id]
+        requeued = []
+        for job_id in stranded:
+            if now - seen.setdefault(job_id, now) >= after_s:
+                del seen[job_id]
+                if self._requeue(keys=[self.queue.intermediate_queue_key, self.queue.key], args=[job_id]):
+                    requeued.append(job_id)
+        return requeued
 
     def heartbeat_all(self, held: list[Taken]) -> None:
         """Keep the worker's registration and every started job's registry entry fresh, in one round trip."""

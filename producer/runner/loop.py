@@ -66,12 +66,14 @@ class Runner:
         self.settings, self.name, self.burst = settings, name, burst
         self.concurrency = concurrency or settings.runner_concurrency
         self.metrics = RunnerMetrics(self.concurrency)
-        self.bridge = RqBridge(client, settings.queue, name, heartbeat_s=settings.runner_lease * HEARTBEAT_LEASES)
+        self.bridge = RqBridge(client, settings.queue, name, heartbeat_s=settings.runner_lease * HEARTBEAT_LEASES,
+                               held=settings.keys.runner_calls(name))
         self.lease = Lease(aclient, settings.keys, name, settings.runner_lease)
         self.calls = Calls(settings, aclient, connections=self.concurrency, gate=self.lease.check, hooks=self.metrics)
         self.metrics.watch_in_flight(lambda: len(self._held))
         self._held: dict[str, Held] = {}
         self._held_key = settings.keys.runner_calls(name)
+        self._stranded: dict[str, float] = {}  # job id -> when first seen in rq's intermediate queue
         self._ended: list[tuple[Taken, dict[str, Any], asyncio.Future[None]]] = []  # jobs to mark succeeded
         self._ending: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
@@ -170,6 +172,7 @@ class Runner:
                 await self.lease.renew()
                 await self.lease.publish(self.metrics.record(len(self._held)))
                 await self._take_over()
+                await self._requeue_stranded(now)
                 self._next["lease"] = now + self.settings.runner_lease / 4
             if now >= self._next["heartbeat"]:
                 await self._rq(self.bridge.heartbeat_all, [held.taken for held in self._held.values()])
@@ -277,6 +280,12 @@ class Runner:
                     self.metrics.rerun()
                 self._log.info("call_adopted", request_id=request_id, runner=peer, reruns=reruns)
                 self._carry(taken, reruns=reruns, adopted=True)
+
+    async def _requeue_stranded(self, now: float) -> None:
+        """Put back jobs a runner moved out of the queue and died before marking started (RqBridge)."""
+        requeued = await self._rq(self.bridge.requeue_stranded, self._stranded, self.settings.runner_lease, now)
+        if requeued:
+            self._log.warning("jobs_requeued", count=len(requeued), jobs=requeued)
 
     async def _lost(self) -> None:
         """Our lease is gone and a peer has our calls: drop them all, then serve on under a new lease."""

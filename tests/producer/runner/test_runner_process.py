@@ -287,3 +287,35 @@ def test_calls_wait_out_a_redis_that_stops_answering_and_lose_neither_chunks_nor
             assert record["metrics"]["chunks"] == 275 and record["warnings"] == []  # no chunk lost
             assert pipeline.published(request_id) == (1, 1)
         assert len(pipeline.upstream.requests_seen) == len(calls)
+
+
+def test_a_taken_call_is_recorded_held_in_the_step_that_marks_its_job_started(pipeline: Rig) -> None:
+    calls = [pipeline.enqueue() for _ in range(3)]
+    held = pipeline.settings.keys.runner_calls(f"{pipeline.settings.namespace}-bridge")
+    bridge = RqBridge(pipeline.client, pipeline.settings.queue, f"{pipeline.settings.namespace}-bridge", heartbeat_s=30,
+                      held=held)
+    bridge.join()
+    try:
+        taken, _ = bridge.take(10, None)  # a runner killed now leaves its calls where a takeover finds them
+        assert pipeline.client.hgetall(held) == {rid.encode(): b"0" for rid in calls}
+        bridge.succeed_all([(item, {}) for item in taken])
+    finally:
+        bridge.leave()
+        pipeline.client.delete(held)
+
+
+def test_a_job_a_dying_runner_moved_out_of_the_queue_is_put_back_and_run_once(pipeline: Rig) -> None:
+    stranded = pipeline.enqueue()
+    queue = Queue(pipeline.settings.queue, connection=pipeline.client)
+    # A runner's dequeue moved it, and the runner died before marking it started.
+    pipeline.client.lmove(queue.key, queue.intermediate_queue_key)
+    runner = pipeline.runner("--name", f"{pipeline.settings.namespace}-live", STREAMFOLD_RUNNER_LEASE="2")
+    wait_until(lambda: pipeline.job(stranded).get_status() == JobStatus.FINISHED, timeout=60,
+               what="the stranded job to be put back and run")
+    output = pipeline.stop(runner)
+    pipeline.assemble()
+
+    assert '"event":"jobs_requeued"' in output
+    assert_exactly_one_result_each(pipeline)
+    assert_rq_finished(pipeline, 1)
+    assert pipeline.client.llen(queue.intermediate_queue_key) == 0
