@@ -233,7 +233,7 @@ def preflight(client: redis.Redis) -> None:
     (a wrong password, user or database index, a server that is not Redis). A Redis that cannot serve for
     now (down, loading) passes: a serving process waits for it with its own back-off. Through Sentinel, the
     Sentinels are asked first: one that refuses its password, or knows no such primary, is refused too."""
-    pool = client.connection_pool
+    pool = getattr(client, "connection_pool", None)  # a RedisCluster has a pool per node instead
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
         _ask_sentinels(pool.sentinel_manager, pool.service_name)
     try:

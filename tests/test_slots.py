@@ -27,7 +27,8 @@ from worker.broker import Broker, Finish
 from worker.request import DeadLetter
 
 SCRIPTS = {"worker/lua/finish.lua", "worker/lua/touch.lua", "worker/lua/leave.lua", "producer/lua/start.lua",
-           "producer/lua/lease.lua", "producer/lua/takeover.lua"}
+           "producer/lua/lease.lua", "producer/lua/takeover.lua",
+           "producer/lua/requeue.lua"}  # rq's two lists, on rq's own Redis (producer/runner/bridge.py): never a cluster
 # Where a transaction (a pipeline with transaction=True, redis-py's default) is opened, and on which Redis.
 TRANSACTIONS = {
     "worker/broker.py": ("streams", 1),  # a rejected control entry's dead letter and its ack
