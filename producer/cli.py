@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stop = _command(commands, "cancel", _cancel, _ENQUEUING + ("cancel_ttl",), "cancel an enqueued call",
                     "Cancel a call enqueued through rq (enqueue, the gateway or enqueue_chat_completion): one that "
-                    "has not started ends failed at once, one that is streaming stops within a moment of its next "
-                    "chunk; either way its result says failed, error type cancelled, exactly once. Exit status: 0 "
+                    "has not started ends failed at once, one that is running stops within about 100 ms, "
+                    "wherever it waits; either way its result says failed, error type cancelled, exactly once. Exit status: 0 "
                     "when it is being (or already was) cancelled, 1 when there is no such call or it had already "
                     "finished.")
     stop.add_argument("request_id", metavar="REQUEST_ID")

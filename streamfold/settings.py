@@ -122,7 +122,7 @@ class Settings(BaseSettings):
         "deepest nesting of objects and lists a chunk, start or error payload may have"))
 
     metrics_port: int | None = Field(None, ge=0, le=65_535, description=(
-        "port a worker or gateway serves Prometheus metrics on (off when unset)"))
+        "port a worker, call runner or gateway serves Prometheus metrics on (off when unset)"))
     log_format: LogFormat = Field("text", description="text: a readable line per event; json: one object per line")
 
     upstreams: Annotated[dict[str, Upstream], NoDecode] = Field(

@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe = add(
         "health", help="exit 0 if the pool is being served, 1 if not, 2 on a configuration error",
         description=textwrap.fill("For container probes; read-only, usually well under a second. Healthy when Redis answers, the "
-                     "worker group exists on every shard, and the pool is served: a worker published its stats "
-                     "within the claim timeout or a consumer touched Redis within it - or, with none live, no "
+                     "worker group exists on every shard, and the pool is served: a worker's stats record is "
+                     "fresh (refreshed every 2 s) or a consumer without one touched Redis within the claim "
+                     "timeout - or, with none live, no "
                      "request has waited unclaimed longer than that and none is held by a consumer that stopped. "
                      "Prints one line, the reason: on stdout when healthy, on stderr when not.", 100),
         epilog=cli.settings_help(("redis_url", "namespace", "shards", "group", "claim_timeout")),

@@ -1,8 +1,8 @@
 """``python -m worker health``: is the pool being served? For container probes: fast and read-only.
 
 Healthy when Redis answers, the worker group exists on every shard's control stream, and the pool is
-served: a worker published its stats record within a claim timeout, or a consumer touched Redis within
-one - or, with no live worker, nothing waits: no unclaimed request older than a claim timeout and no
+served: a worker's stats record is fresh (refreshed every 2 s, stale after three misses and a second), or a
+consumer without one touched Redis within a claim timeout - or, with no live worker, nothing waits: no unclaimed request older than a claim timeout and no
 request held by a consumer that stopped. Two round trips at most; nothing is written.
 """
 
