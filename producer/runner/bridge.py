@@ -231,6 +231,9 @@ class RqBridge:
         (job id -> when first seen) is the caller's memory between passes. Returns the jobs put back.
 
         rq's own clean-up would fail them after a minute or more, and the request would never get a result.
+        A live runner that stalls longer than ``after_s`` between its take and its start (its lease still held)
+        would find its job put back and run by a peer too: the request still gets one result, but the upstream
+        is called twice.
         """
         stranded = {raw.decode() if isinstance(raw, bytes) else raw
                     for raw in self.client.lrange(self.queue.intermediate_queue_key, 0, -1)}
