@@ -28,8 +28,9 @@ ROLES = ("producer", "worker", "backend", "analytics")
 # uses rq gets those keys with any command but the administrative and dangerous ones - plus INFO, which rq
 # reads for the server's version - in a selector of their own, so no other key gets that latitude.
 _RQ_SELECTOR = "(~rq:* &rq:* +@all -@admin -@dangerous +info +client|setname +client|getname)"
+# A cluster client reads the slot layout and the command table (for each command's key positions) first.
 _ALWAYS = ("+ping", "+hello", "+auth", "+select", "+client|setname", "+client|getname", "+multi", "+exec",
-           "+discard", "+watch", "+unwatch")
+           "+discard", "+watch", "+unwatch", "+cluster|slots", "+cluster|shards", "+command")
 _SCRIPTS = ("+evalsha", "+eval", "+script|load", "+script|exists")
 _PRODUCE = ("+xadd", "+expire", "+get", "+set", "+mget", "+del", "+exists", "+xrevrange", "+xrange", "+xlen")
 # The call runners' leases and held calls (``ns:in:{runners}:*``: a sorted set and hashes).

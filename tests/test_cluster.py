@@ -23,17 +23,20 @@ import orjson
 import pytest
 import redis
 
-from producer import cancel, enqueue_chat_completion, wait_for_result
+from producer import Publisher, cancel, enqueue_chat_completion, wait_for_result
 from producer.mock_upstream import DEFAULT_FIXTURE_DIRS, MockUpstream
 from producer.results import follow_results, get_result, stored_usage
 from streamfold import contract
-from streamfold.connection import connect, connect_queue
+from streamfold.acl import setuser
+from streamfold.connection import connect, connect_queue, preflight
 from streamfold.errors import ConfigError
 from streamfold.settings import Settings, load_settings
 from tests.conftest import ROOT, TEST_REDIS_URL, load_jsonl
 from tests.producer.gateway.conftest import serve_app
 from tests.topology import Server, require_redis_server, start_cluster
 from worker import assemble
+from worker.broker import Broker
+from worker.stats import collect
 
 pytestmark = pytest.mark.redis
 
@@ -248,3 +251,47 @@ def test_the_gateway_on_a_cluster_streams_the_assembled_message(stack: ClusterSt
     calls = completion.choices[0].message.tool_calls or []
     assert [(call.id, call.function.name, call.function.arguments) for call in calls] == \
         [(call["id"], call["function"]["name"], call["function"]["arguments"]) for call in expected]
+
+
+def test_the_acl_roles_work_on_a_cluster_a_producer_publishes_and_a_worker_claims_and_reads_stats(
+        cluster: list[Server]) -> None:
+    """ACLs are per node: each role's line is set on every node, and the cluster client's own introspection
+    (the slot layout, the command table) is among what every role may do."""
+    namespace = f"sftest-acl-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=f"redis://127.0.0.1:{cluster[0].port}", redis_cluster=True,
+                        queue_redis_url=TEST_REDIS_URL, namespace=namespace, shards=SHARDS)
+    lines = {role: setuser(role, settings.keys, password=f"{role}-secret") for role in ("producer", "worker")}
+    for node in cluster:
+        with node.client() as admin:
+            for line in lines.values():
+                admin.execute_command("ACL", "SETUSER", *line)
+
+    def as_role(role: str) -> Settings:
+        url = f"redis://{lines[role][0]}:{role}-secret@127.0.0.1:{cluster[1].port}"
+        return settings.model_copy(update={"redis_url": url})
+
+    try:
+        producing, working = connect(as_role("producer")), connect(as_role("worker"))
+        try:
+            preflight(producing)
+            preflight(working)
+            broker = Broker(working, settings.keys, group=settings.group, consumer="w1", read_count=10,
+                            result_ttl=60, chunk_ttl=60, claim_timeout_ms=30_000)
+            broker.ensure_group()
+            with Publisher(producing, settings.keys, batch_size=1, max_age=60) as publisher:
+                publisher.start("acl-1")
+                publisher.push("acl-1", load_jsonl(FIXTURES[MODELS[0]])[0])
+                publisher.end("acl-1")
+            assert [claim.request_id for claim in broker.claim(5)] == ["acl-1"]
+            stats = collect(working, as_role("worker"), interval=0)
+            assert stats["in_flight"] == 1 and len(stats["per_shard"]) == SHARDS
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                producing.get(settings.keys.result("acl-1"))  # a producer reads no results
+        finally:
+            producing.close()
+            working.close()
+    finally:
+        for node in cluster:
+            with node.client() as admin:
+                for line in lines.values():
+                    admin.execute_command("ACL", "DELUSER", line[0])
