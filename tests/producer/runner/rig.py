@@ -90,7 +90,13 @@ class Rig:
     def stop(self, process: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> str:
         """Signal a runner and wait for it; returns its output."""
         process.send_signal(sig)
-        output, _ = process.communicate(timeout=timeout)
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # Every thread's stack (PYTHONFAULTHANDLER), so a runner that does not stop says where it waits.
+            process.send_signal(signal.SIGABRT)
+            output, _ = process.communicate(timeout=10)
+            raise AssertionError(f"the runner did not stop within {timeout:g} s:\n{output[-8000:]}") from None
         return output
 
 
@@ -106,7 +112,7 @@ def rig(redis_url: str, namespace: str) -> Iterator[Rig]:
     with MockUpstream() as upstream:
         table = {name: {"base_url": upstream.base_url + query, "api_key_env": KEY_ENV} for name, query in FAULTS.items()}
         env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
-        env.update({"STREAMFOLD_REDIS_URL": redis_url, "STREAMFOLD_NAMESPACE": namespace,
+        env.update({"PYTHONFAULTHANDLER": "1", "STREAMFOLD_REDIS_URL": redis_url, "STREAMFOLD_NAMESPACE": namespace,
                     "STREAMFOLD_QUEUE": namespace, "STREAMFOLD_UPSTREAMS": json.dumps(table),
                     "STREAMFOLD_UPSTREAM_RETRIES": "6", "STREAMFOLD_UPSTREAM_BACKOFF": "0.05",
                     "STREAMFOLD_RUNNER_LEASE": "2", "STREAMFOLD_LOG_FORMAT": "json", KEY_ENV: "sk-runner-test"})
