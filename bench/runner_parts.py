@@ -37,7 +37,7 @@ import uvloop
 from producer import enqueue_chat_completion
 from producer.runner.bridge import RqBridge, Taken
 from producer.runner.call import CancelWatch
-from producer.runner.calls import connect_async
+from streamfold.connection import connect_async
 from producer.upstream import UpstreamClient
 from streamfold.settings import Settings
 

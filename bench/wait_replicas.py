@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producer.runner.calls import connect_async  # noqa: E402
+from streamfold.connection import connect_async  # noqa: E402
 from producer.runner.publishing import Batcher, RequestStream  # noqa: E402
 from streamfold.keys import Keys  # noqa: E402
 from streamfold.settings import Settings  # noqa: E402

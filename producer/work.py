@@ -17,10 +17,10 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from producer.runner.calls import connect_async
+from producer.runner.calls import REDIS_CONNECTIONS
 from producer.runner.loop import Runner
 from producer.upstream import RedactingFilter, configured_secrets
-from streamfold.connection import connect, connect_queue, preflight
+from streamfold.connection import connect, connect_async, connect_queue, preflight
 from streamfold.errors import ConfigError
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings
@@ -52,7 +52,8 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         preflight(streams)
     with connect_queue(settings) as client:  # rq's Redis: the streams Redis unless a cluster holds those
         preflight(client)
-        runner = Runner(settings, client, connect_async(settings), name=name, concurrency=concurrency, burst=burst)
+        streams = connect_async(settings, connections=REDIS_CONNECTIONS)
+        runner = Runner(settings, client, streams, name=name, concurrency=concurrency, burst=burst)
         if port is not None:
             try:
                 port = runner.metrics.serve(port)

@@ -28,7 +28,7 @@ import redis
 
 from producer import enqueue_chat_completion, wait_for_result
 from producer.mock_upstream import DEFAULT_FIXTURE_DIRS, MockUpstream
-from producer.runner.calls import connect_async as connect_runner
+from streamfold.connection import connect_async as connect_runner
 from producer.runner.publishing import Batcher
 from streamfold import contract
 from streamfold.connection import connect, preflight

@@ -17,14 +17,12 @@ from types import TracebackType
 from typing import Any, TypedDict
 
 import redis.asyncio
-import redis.asyncio.sentinel
-from redis.connection import HiredisRespSerializer
 
 from producer.jobs import job_id
 from producer.runner.call import Call, CancelWatch, Outcome
 from producer.runner.publishing import Batcher, RequestStream
 from producer.upstream import RetryPolicy, UpstreamClient
-from streamfold.connection import client_options, connect_cluster_async, primary_through_sentinel_async
+from streamfold.connection import connect_async
 from streamfold.contract import ErrorInfo, Mode
 from streamfold.errors import ConfigError
 from streamfold.genai import provider_of
@@ -44,65 +42,6 @@ class Summary(TypedDict):
     upstream: str
     outcome: Outcome
     calls: int
-
-
-def connect_async(settings: Settings, *, connections: int = REDIS_CONNECTIONS) -> redis.asyncio.Redis:
-    """An asyncio client for ``settings.redis_url`` with the options of ``streamfold.connection.connect``'s
-    (bytes back, timeouts, a health check, the credentials and TLS). Its pool holds at most ``connections``; a command that finds
-    them all busy waits for one (rather than failing, as redis-py's default pool does past 100), so a
-    thousand calls starting at once queue for Redis instead of erroring. A URL redis-py cannot read is a
-    ConfigError. With ``redis_sentinels``, the pool is the same, of connections to the Sentinels' primary. With
-    ``redis_cluster``, a cluster client (``streamfold.connection.connect_cluster_async``): its commands go to
-    each key's node, the Batcher's batches through its pipeline, split by node."""
-    if settings.redis_cluster:
-        return connect_cluster_async(settings, connections=max(connections, 100))
-    tls = settings.redis_url.startswith("rediss://")
-    if settings.redis_sentinels:
-        return primary_through_sentinel_async(
-            settings, connection_pool_class=BlockingSentinelConnectionPool, max_connections=connections,
-            timeout=settings.socket_timeout,
-            connection_class=HiredisPackingSentinelSSLConnection if tls else HiredisPackingSentinelConnection)
-    options = client_options(settings)
-    try:
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=connections, timeout=settings.socket_timeout,
-            connection_class=HiredisPackingSSLConnection if tls else HiredisPackingConnection, **options)
-    except ValueError as exc:  # redis-py names the part at fault, not the whole URL (it may hold a password)
-        raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
-    return redis.asyncio.Redis(connection_pool=pool, decode_responses=False)
-
-
-class HiredisPacking:
-    """redis-py's asyncio connection with its blocking connection's command packer: hiredis's, in C, rather
-    than the pure-Python one the asyncio connection uses. Every relayed chunk is a command to pack, and
-    packing in Python cost the runner about a tenth of its time."""
-
-    _packer = HiredisRespSerializer()
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        packed: list[bytes] = self._packer.pack(*args)
-        return packed
-
-
-class HiredisPackingConnection(HiredisPacking, redis.asyncio.Connection):
-    """A plain TCP connection that packs with hiredis."""
-
-
-class HiredisPackingSSLConnection(HiredisPacking, redis.asyncio.SSLConnection):
-    """A TLS connection (``rediss://``) that packs with hiredis."""
-
-
-class HiredisPackingSentinelConnection(HiredisPacking, redis.asyncio.sentinel.SentinelManagedConnection):
-    """A connection to the Sentinels' current primary that packs with hiredis."""
-
-
-class HiredisPackingSentinelSSLConnection(HiredisPacking, redis.asyncio.sentinel.SentinelManagedSSLConnection):
-    """A TLS connection to the Sentinels' current primary that packs with hiredis."""
-
-
-class BlockingSentinelConnectionPool(redis.asyncio.sentinel.SentinelConnectionPool,
-                                     redis.asyncio.BlockingConnectionPool):
-    """redis-py's Sentinel pool, waiting for a free connection as ``BlockingConnectionPool`` does."""
 
 
 class Calls:
@@ -213,7 +152,7 @@ class CallHooks:
 async def run_one(settings: Settings, request_id: str, upstream: str, params: Mapping[str, Any],
                   meta: Mapping[str, Any]) -> Summary:
     """Run one job's call in a process of its own (a plain ``rq worker``); returns the job's summary."""
-    client = connect_async(settings)
+    client = connect_async(settings)  # one call: the default pool is ample
     try:
         async with Calls(settings, client, connections=1) as calls:
             call, problem = calls.call(request_id, upstream, params, meta)
