@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -51,8 +53,8 @@ def connect_async(settings: Settings, *, connections: int = 100) -> redis.asynci
     """The asyncio counterpart of ``connect``, with the same options, for code on an event loop. Its pool
     holds at most ``connections`` (per node on a cluster); a command that finds them all busy waits for one, up
     to the socket timeout (redis-py's default pool fails it at once with "Too many connections": a gateway
-    relaying a thousand streams on a busy loop lost streams that way). Commands are packed by hiredis
-    (``HiredisPacking``), standalone and through Sentinel alike."""
+    relaying a thousand streams on a busy loop lost streams that way). Its connections are ``LoopConnection``s,
+    standalone, through Sentinel and on a cluster alike."""
     if settings.redis_cluster:
         return connect_cluster_async(settings, connections=max(connections, 100))
     tls = settings.redis_url.startswith("rediss://")
@@ -60,43 +62,69 @@ def connect_async(settings: Settings, *, connections: int = 100) -> redis.asynci
         return primary_through_sentinel_async(
             settings, connection_pool_class=BlockingSentinelConnectionPool, max_connections=connections,
             timeout=settings.socket_timeout,
-            connection_class=HiredisPackingSentinelSSLConnection if tls else HiredisPackingSentinelConnection)
+            connection_class=LoopSentinelSSLConnection if tls else LoopSentinelConnection)
     try:
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=connections, timeout=settings.socket_timeout,
-            connection_class=HiredisPackingSSLConnection if tls else HiredisPackingConnection,
+            connection_class=LoopSSLConnection if tls else LoopTCPConnection,
             **client_options(settings))
     except ValueError as exc:
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
     return redis.asyncio.Redis.from_pool(pool)
 
 
-class HiredisPacking:
-    """redis-py's asyncio connection with its blocking connection's command packer: hiredis's, in C, rather
-    than the pure-Python one the asyncio connection uses. Every relayed chunk is a command to pack, and
-    packing in Python cost the runner about a tenth of its time."""
+class LoopConnection:
+    """redis-py's asyncio connection, made fit for a busy event loop.
+
+    Commands are packed by hiredis, in C, as redis-py's blocking connection packs them, rather than by the
+    asyncio connection's pure-Python packer: every relayed chunk is a command to pack, and packing in Python
+    cost the runner about a tenth of its time.
+
+    Writes are timed by ``asyncio.timeout`` rather than redis-py's ``asyncio.wait_for``. On Python 3.11
+    ``wait_for`` loses a cancel that arrives while the write it waits for has already completed (CPython
+    gh-86296, fixed in 3.12) - and a local write completes at once, so nearly every cancel that lands during a
+    write is lost, however often it is repeated: a cancelled task runs on, and a process waiting for its
+    background loops to end never exits. redis-py writes without ``wait_for`` when the connection has no
+    socket timeout, so the timeout is lifted for the write and applied around it instead.
+    """
 
     _packer = HiredisRespSerializer()
+    socket_timeout: float | None
 
     def pack_command(self, *args: Any) -> list[bytes]:
         packed: list[bytes] = self._packer.pack(*args)
         return packed
 
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        timeout = self.socket_timeout
+        if timeout is None or sys.version_info >= (3, 12):
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            return
+        self.socket_timeout = None
+        try:
+            async with asyncio.timeout(timeout):
+                await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except TimeoutError:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise redis.TimeoutError("Timeout writing to socket") from None
+        finally:
+            self.socket_timeout = timeout
 
-class HiredisPackingConnection(HiredisPacking, redis.asyncio.Connection):
-    """A plain TCP connection that packs with hiredis."""
+
+class LoopTCPConnection(LoopConnection, redis.asyncio.Connection):
+    """A plain TCP connection (``LoopConnection``)."""
 
 
-class HiredisPackingSSLConnection(HiredisPacking, redis.asyncio.SSLConnection):
-    """A TLS connection (``rediss://``) that packs with hiredis."""
+class LoopSSLConnection(LoopConnection, redis.asyncio.SSLConnection):
+    """A TLS connection (``rediss://``, ``LoopConnection``)."""
 
 
-class HiredisPackingSentinelConnection(HiredisPacking, redis.asyncio.sentinel.SentinelManagedConnection):
-    """A connection to the Sentinels' current primary that packs with hiredis."""
+class LoopSentinelConnection(LoopConnection, redis.asyncio.sentinel.SentinelManagedConnection):
+    """A connection to the Sentinels' current primary (``LoopConnection``)."""
 
 
-class HiredisPackingSentinelSSLConnection(HiredisPacking, redis.asyncio.sentinel.SentinelManagedSSLConnection):
-    """A TLS connection to the Sentinels' current primary that packs with hiredis."""
+class LoopSentinelSSLConnection(LoopConnection, redis.asyncio.sentinel.SentinelManagedSSLConnection):
+    """A TLS connection to the Sentinels' current primary (``LoopConnection``)."""
 
 
 class BlockingSentinelConnectionPool(redis.asyncio.sentinel.SentinelConnectionPool,
@@ -130,6 +158,12 @@ def connect_cluster_async(settings: Settings, *, connections: int = 100) -> redi
                                                               **_cluster_options(settings))
     except ValueError as exc:
         raise ConfigError(f"bad STREAMFOLD_REDIS_URL: {exc}") from None
+    # redis-py's cluster client takes no connection class: it is set where its nodes are made from, before
+    # any node has made a connection.
+    loop_class = LoopSSLConnection if settings.redis_url.startswith("rediss://") else LoopTCPConnection
+    client.nodes_manager.connection_kwargs["connection_class"] = loop_class
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = loop_class
     return cast(redis.asyncio.Redis, client)
 
 
