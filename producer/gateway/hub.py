@@ -28,6 +28,7 @@ from streamfold.connection import cannot_serve
 from streamfold.contract import Fields
 from streamfold.keys import Keys
 from streamfold.logs import EventLog
+from streamfold.tasks import cancel_and_wait
 from worker.broker import parse_id
 
 log = EventLog(logging.getLogger("streamfold.gateway"))
@@ -123,9 +124,7 @@ class StreamHub:
                        for number, shard in self._shards.items()]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
 
     async def subscribe(self, request_id: str, cursor: str = "0-0") -> Subscription:

@@ -78,8 +78,10 @@ class Call:
         self._log = EventLog(log)
 
     def request_cancel(self) -> None:
-        """``cancel`` was called: interrupt the call wherever it waits (only while it still calls upstream)."""
-        if self._calling and not self.cancel_requested and self._task is not None:
+        """``cancel`` was called: interrupt the call wherever it waits (only while it still calls upstream).
+        ``CancelWatch`` asks again each tick until the call took it: a cancel can be lost on Python 3.11
+        (streamfold/tasks.py), and a lost one would let the call run on to its end."""
+        if self._calling and self._task is not None:
             self.cancel_requested = True
             self._task.cancel("cancel requested")
 
@@ -97,6 +99,7 @@ class Call:
                 return "cancelled"
             return await self._attempts()
         except asyncio.CancelledError:
+            self._calling = False  # no further cancel requests: this one is being handled
             if not self.cancel_requested:
                 raise  # a drain, a hand-back or a timeout: the caller decides
             self._uncancel()
@@ -187,9 +190,11 @@ class Call:
         return "ended"
 
     def _uncancel(self) -> None:
+        """The cancel request was taken: clear every cancel of it (``request_cancel`` may have asked more than
+        once before it landed). A hand-back meanwhile is not lost: it cancels until the task ends."""
         task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
+        while task is not None and task.uncancel() > 0:
+            pass
 
     async def _fail_after_crash(self, exc: Exception) -> None:
         """Best effort: give a request whose call crashed its one failed result instead of a stall."""

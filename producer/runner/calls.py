@@ -28,6 +28,7 @@ from streamfold.errors import ConfigError
 from streamfold.genai import provider_of
 from streamfold.logs import EventLog
 from streamfold.settings import Settings
+from streamfold.tasks import cancel_and_wait
 
 log = logging.getLogger("streamfold.runner")
 # Connections one process's calls share: enough for the pipeline, the cancel watch and the commands of calls
@@ -85,9 +86,7 @@ class Calls:
         except TimeoutError:
             self._log.error("entries_unsent", count=self.batcher.buffered)
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(*self._tasks)
             await self._exits.aclose()
 
     def call(self, request_id: str, upstream: str, params: Mapping[str, Any], meta: Mapping[str, Any], *,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 import signal
 import time
@@ -38,6 +39,7 @@ from streamfold.contract import ErrorInfo
 from streamfold.errors import RedisRefused
 from streamfold.logs import EventLog
 from streamfold.settings import Settings
+from streamfold.tasks import cancel_and_wait
 
 log = logging.getLogger("streamfold.runner")
 T = TypeVar("T")
@@ -103,6 +105,13 @@ class Runner:
             self._drain_until = now
         self._room.set()
 
+    def dump_tasks(self) -> None:
+        """Log where every task of the loop waits (SIGUSR1): what a runner that seems stuck is waiting for."""
+        for task in asyncio.all_tasks():
+            stack = io.StringIO()
+            task.print_stack(limit=12, file=stack)
+            self._log.warning("task_stack", task=task.get_name(), stack=stack.getvalue())
+
     # --- steps -----------------------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -110,6 +119,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.dump_tasks)
         await self._rq(self.bridge.join)
         await self.lease.join()
         self._log.info("runner_started", concurrency=self.concurrency, queue=self.settings.queue, burst=self.burst)
@@ -121,11 +131,8 @@ class Runner:
                 yield
         finally:
             # Every call that ended has seen its job marked; what is left is for calls handed back.
-            for task in (timers, self._ending):
-                if task is not None:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            await cancel_and_wait(timers, self._ending)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             await self._leave()
 
@@ -303,10 +310,7 @@ class Runner:
             self._log.error("hand_back_failed", error=str(exc))  # peers take them once the lease expires
 
     async def _cancel_all(self) -> None:
-        tasks = [held.task for held in self._held.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*(held.task for held in self._held.values()))
         self._held.clear()
 
     async def _leave(self) -> None:

@@ -90,13 +90,21 @@ class Rig:
     def stop(self, process: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> str:
         """Signal a runner and wait for it; returns its output."""
         process.send_signal(sig)
+        return self.finish(process, timeout)
+
+    @staticmethod
+    def finish(process: subprocess.Popen[str], timeout: float = 60) -> str:
+        """Wait for a runner to exit; returns its output. One that does not exit in time fails the test with
+        where each task of its event loop waits (SIGUSR1) and every thread's stack (PYTHONFAULTHANDLER, on
+        SIGABRT), so that it says where it waits."""
         try:
             output, _ = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            # Every thread's stack (PYTHONFAULTHANDLER), so a runner that does not stop says where it waits.
+            process.send_signal(signal.SIGUSR1)  # where each task of its loop waits
+            time.sleep(1)
             process.send_signal(signal.SIGABRT)
             output, _ = process.communicate(timeout=10)
-            raise AssertionError(f"the runner did not stop within {timeout:g} s:\n{output[-8000:]}") from None
+            raise AssertionError(f"the runner did not exit within {timeout:g} s:\n{output[-40000:]}") from None
         return output
 
 

@@ -289,6 +289,22 @@ def test_a_cancel_during_a_backoff_wait_ends_the_wait(server: fakeredis.FakeServ
     assert decode_error(envelopes(redis, settings.keys)[-1])["type"] == "cancelled"
 
 
+def test_a_cancel_lost_on_its_way_is_asked_again_at_the_watchs_next_look(
+        server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, settings: Settings) -> None:
+    async def lose_the_first_cancel(count: int) -> None:
+        try:
+            await cancel_now(redis, settings.keys)
+        except asyncio.CancelledError:
+            pass  # lost, as Python 3.11's wait_for loses a cancel that lands just as its operation completes
+        await PERFORMING[0].cancels.check()  # the watch's next look
+        await asyncio.sleep(1)  # the wait the second cancel cuts short
+
+    outcome, calls = perform(server, settings, ScriptedUpstream(status(503, retry_after="5")),
+                             sleep=Sleeps(lose_the_first_cancel))
+    assert (outcome, calls) == ("cancelled", 1)
+    assert decode_error(envelopes(redis, settings.keys)[-1])["type"] == "cancelled"
+
+
 def test_a_job_that_finds_its_request_cancelled_publishes_nothing(server: fakeredis.FakeServer,
                                                                   redis: fakeredis.FakeRedis, settings: Settings) -> None:
     redis.set(settings.keys.cancel(RID), CANCELLED)

@@ -55,7 +55,7 @@ def test_one_runner_carries_many_calls_at_once_each_ending_once_completed(pipeli
     for _ in range(40):
         pipeline.enqueue(SHORT, "slow")  # 13 chunks, 100 ms apart: 1.3 s, long enough to overlap on a busy box
     runner = pipeline.runner("--burst", "--concurrency", "64", "--name", f"{pipeline.settings.namespace}-a")
-    output, _ = runner.communicate(timeout=60)
+    output = pipeline.finish(runner)
     assert runner.returncode == 0, output
     pipeline.assemble()
 
