@@ -155,8 +155,8 @@ def test_usage_from_start_on_a_group_made_earlier_says_it_keeps_its_place(
 @pytest.mark.redis
 def test_results_follow_prints_new_results_and_ctrl_c_exits_0_quietly(env: dict[str, str], real_redis_url: str,
                                                                       keys: Keys) -> None:
-    follower = subprocess.Popen([sys.executable, "-m", "producer", "results", "--follow"], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    follower = subprocess.Popen([sys.executable, "-m", "producer", "results", "--follow"], cwd=ROOT,
+                                env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stop = threading.Event()
 
     def keep_publishing() -> None:
@@ -174,12 +174,16 @@ def test_results_follow_prints_new_results_and_ctrl_c_exits_0_quietly(env: dict[
         stop.set()
         assert orjson.loads(line)["request_id"] == "req-live"
         follower.send_signal(signal.SIGINT)
-        _, err = follower.communicate(timeout=10)
+        try:
+            _, err = follower.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            follower.send_signal(signal.SIGABRT)  # its stack, to say where it waits
+            raise AssertionError(f"Ctrl-C did not end it:\n{follower.communicate()[1].decode()}") from None
     finally:
         stop.set()
         publisher.join()
         follower.kill()
-        follower.wait()
+        follower.communicate()
     assert follower.returncode == 0 and err == b""
 
 
