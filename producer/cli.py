@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: 1, one request after another)")
     play.add_argument("--patience", type=float, metavar="SECONDS",
                       help="how long to wait out a Redis that cannot serve (a failover), pushing a request hit by "
-                           f"it again (default: {FAILOVER_PATIENCE:g} with STREAMFOLD_REDIS_SENTINELS, else 0)")
+                           f"it again (default: {FAILOVER_PATIENCE:g} with STREAMFOLD_REDIS_SENTINELS, else 0); "
+                           "with --open above 1 the replay stops at once instead")
 
     enqueue = _command(commands, "enqueue", _enqueue, _ENQUEUING, "enqueue a chat completion as an rq job",
                        "Enqueue one streamed chat completion for a job runner (`python -m producer work` or "
