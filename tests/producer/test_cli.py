@@ -155,8 +155,11 @@ def test_usage_from_start_on_a_group_made_earlier_says_it_keeps_its_place(
 @pytest.mark.redis
 def test_results_follow_prints_new_results_and_ctrl_c_exits_0_quietly(env: dict[str, str], real_redis_url: str,
                                                                       keys: Keys) -> None:
+    # Ctrl-C as at a terminal: a suite started in the background of a non-interactive shell has SIGINT
+    # ignored, and an ignored signal stays ignored in every process it starts.
     follower = subprocess.Popen([sys.executable, "-m", "producer", "results", "--follow"], cwd=ROOT,
-                                env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stop = threading.Event()
 
     def keep_publishing() -> None:
