@@ -25,7 +25,8 @@ import redis
 
 from producer import Publisher, cancel, enqueue_chat_completion, wait_for_result
 from producer.mock_upstream import DEFAULT_FIXTURE_DIRS, MockUpstream
-from producer.results import follow_results, get_result, stored_usage
+from producer.follow import follow
+from producer.results import UsageReader, follow_results, get_result, stored_usage
 from streamfold import contract
 from streamfold.acl import setuser
 from streamfold.connection import connect, connect_queue, preflight
@@ -36,6 +37,8 @@ from tests.producer.gateway.conftest import serve_app
 from tests.topology import Server, require_redis_server, start_cluster
 from worker import assemble
 from worker.broker import Broker
+from worker.live import Final
+from worker.runner import Worker
 from worker.stats import collect
 
 pytestmark = pytest.mark.redis
@@ -253,14 +256,16 @@ def test_the_gateway_on_a_cluster_streams_the_assembled_message(stack: ClusterSt
         [(call["id"], call["function"]["name"], call["function"]["arguments"]) for call in expected]
 
 
-def test_the_acl_roles_work_on_a_cluster_a_producer_publishes_and_a_worker_claims_and_reads_stats(
-        cluster: list[Server]) -> None:
+def test_every_acl_role_works_on_a_cluster_and_is_refused_outside_its_keys(cluster: list[Server]) -> None:
     """ACLs are per node: each role's line is set on every node, and the cluster client's own introspection
-    (the slot layout, the command table) is among what every role may do."""
+    (the slot layout, the command table) is among what every role may do. A producer publishes, a worker
+    assembles and reads stats, a backend waits, follows, enqueues and cancels, analytics reads usage."""
     namespace = f"sftest-acl-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=f"redis://127.0.0.1:{cluster[0].port}", redis_cluster=True,
-                        queue_redis_url=TEST_REDIS_URL, namespace=namespace, shards=SHARDS)
-    lines = {role: setuser(role, settings.keys, password=f"{role}-secret") for role in ("producer", "worker")}
+                        queue_redis_url=TEST_REDIS_URL, namespace=namespace, queue=namespace, shards=SHARDS,
+                        block_ms=50, socket_timeout=2, stall_timeout=5, claim_timeout=5)
+    roles = ("producer", "worker", "backend", "analytics")
+    lines = {role: setuser(role, settings.keys, password=f"{role}-secret") for role in roles}
     for node in cluster:
         with node.client() as admin:
             for line in lines.values():
@@ -270,28 +275,49 @@ def test_the_acl_roles_work_on_a_cluster_a_producer_publishes_and_a_worker_claim
         url = f"redis://{lines[role][0]}:{role}-secret@127.0.0.1:{cluster[1].port}"
         return settings.model_copy(update={"redis_url": url})
 
+    clients = {role: connect(as_role(role)) for role in roles}
+    producing, working, backend, analytics = (clients[role] for role in roles)
     try:
-        producing, working = connect(as_role("producer")), connect(as_role("worker"))
-        try:
-            preflight(producing)
-            preflight(working)
-            broker = Broker(working, settings.keys, group=settings.group, consumer="w1", read_count=10,
-                            result_ttl=60, chunk_ttl=60, claim_timeout_ms=30_000)
-            broker.ensure_group()
-            with Publisher(producing, settings.keys, batch_size=1, max_age=60) as publisher:
-                publisher.start("acl-1")
-                publisher.push("acl-1", load_jsonl(FIXTURES[MODELS[0]])[0])
-                publisher.end("acl-1")
-            assert [claim.request_id for claim in broker.claim(5)] == ["acl-1"]
-            stats = collect(working, as_role("worker"), interval=0)
-            assert stats["in_flight"] == 1 and len(stats["per_shard"]) == SHARDS
-            with pytest.raises(redis.exceptions.NoPermissionError):
-                producing.get(settings.keys.result("acl-1"))  # a producer reads no results
-        finally:
-            producing.close()
-            working.close()
+        for client in clients.values():
+            preflight(client)
+        broker = Broker(working, settings.keys, group=settings.group, consumer="w1", read_count=10,
+                        result_ttl=60, chunk_ttl=60, claim_timeout_ms=30_000)
+        broker.ensure_group()
+        with Publisher(producing, settings.keys, batch_size=1, max_age=60) as publisher:
+            for request_id in ("acl-1", "acl-2"):
+                publisher.start(request_id)
+                for chunk in load_jsonl(FIXTURES["openai_refusal"]):
+                    publisher.push(request_id, chunk)
+                publisher.end(request_id)
+                if request_id == "acl-1":
+                    Worker(broker, as_role("worker"), burst=True).run()
+        assert [claim.request_id for claim in broker.claim(5)] == ["acl-2"]
+        stats = collect(working, as_role("worker"), interval=0)
+        assert stats["in_flight"] == 1 and len(stats["per_shard"]) == SHARDS
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            producing.get(settings.keys.result("acl-1"))  # a producer reads no results
+
+        assert wait_for_result("acl-1", 5, client=backend, settings=as_role("backend"))["status"] == "completed"
+        assert isinstance(list(follow("acl-1", client=backend, settings=as_role("backend")))[-1], Final)
+        assert [record["request_id"] for record in follow_results(backend, settings.keys, from_start=True)] \
+            == ["acl-1"]
+        doomed = enqueue_chat_completion({"model": "m", "messages": []}, client=backend, settings=as_role("backend"))
+        assert cancel(doomed, client=backend, settings=as_role("backend"))  # not started: the backend fails it
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            backend.xrange(settings.keys.usage(settings.keys.shard("acl-1")))
+
+        seen: list[dict[str, Any]] = []
+        UsageReader(analytics, settings.keys, group="billing", consumer="b1", from_start=True).consume(seen.append)
+        assert [event["request_id"] for event in seen] == ["acl-1"]
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            analytics.xrange(settings.keys.chunks("acl-1"))
     finally:
+        for client in clients.values():
+            client.close()
         for node in cluster:
             with node.client() as admin:
                 for line in lines.values():
                     admin.execute_command("ACL", "DELUSER", line[0])
+        with redis.Redis.from_url(TEST_REDIS_URL) as queue:
+            for key in queue.scan_iter(match=f"rq:*{namespace}*"):
+                queue.delete(key)
