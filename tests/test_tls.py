@@ -1,6 +1,7 @@
 """Transport security on a real redis-server that speaks only TLS and wants client certificates: the pipeline
 runs over rediss:// with a CA, a client certificate and AUTH (from the URL or from settings), and refuses to
-run without them. Certificates are made here with openssl."""
+run without them; so does a 3-master Redis Cluster whose nodes and bus speak only TLS. Certificates are made
+with openssl (tests/topology.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +22,11 @@ import redis
 
 from producer import Publisher, afollow, enqueue_chat_completion, wait_for_result
 from producer.mock_upstream import MockUpstream
-from streamfold.connection import connect
+from streamfold.connection import connect, preflight
 from streamfold.errors import ConfigError, RedisUnavailable
 from streamfold.settings import Settings, load_settings, redacted_url
-from tests.conftest import RECORDED, ROOT, load_jsonl
+from tests.conftest import RECORDED, ROOT, TEST_REDIS_URL, load_jsonl
+from tests.topology import make_certificates, require_redis_server, start_cluster
 from worker.broker import Broker
 from worker.live import Final
 from worker.runner import Worker
@@ -31,22 +34,6 @@ from worker.runner import Worker
 pytestmark = pytest.mark.redis
 
 PASSWORD = "tls-test-password"
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _certificates(directory: Path) -> None:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by the CA."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-             "-subj", "/CN=streamfold-test-ca", cwd=directory)
-    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=directory)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "1", *extra, cwd=directory)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +44,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, P
             pytest.fail("redis-server and openssl are needed for the TLS tests")
         pytest.skip("redis-server or openssl is not installed")
     directory = tmp_path_factory.mktemp("tls")
-    _certificates(directory)
+    make_certificates(directory)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -86,6 +73,17 @@ def _settings(port: int, certs: Path, **changes: object) -> Settings:
         redis_tls_cert=certs / "client.crt", redis_tls_key=certs / "client.key", block_ms=50, socket_timeout=2,
         stall_timeout=5, claim_timeout=5)
     return Settings(**{**values, **changes})  # type: ignore[arg-type]
+
+
+def _process_env(certs: Path, upstreams: dict[str, object], **settings: object) -> dict[str, str]:
+    """The environment of a Streamfold process: this one's without its STREAMFOLD_ settings, then the client
+    certificate, the upstream table and ``settings`` as STREAMFOLD_ variables."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
+    values = {"redis_tls_ca": certs / "ca.crt", "redis_tls_cert": certs / "client.crt",
+              "redis_tls_key": certs / "client.key", **settings}
+    env.update({f"STREAMFOLD_{name.upper()}": str(value) for name, value in values.items()},
+               STREAMFOLD_UPSTREAMS=json.dumps(upstreams))
+    return env
 
 
 def test_the_pipeline_runs_over_tls_with_a_client_certificate_and_auth(tls_redis: tuple[int, Path]) -> None:
@@ -119,12 +117,8 @@ def test_a_call_runner_takes_and_publishes_calls_over_tls(tls_redis: tuple[int, 
     client = connect(settings)
     with MockUpstream() as upstream:
         table = {"default": {"base_url": upstream.base_url}}
-        env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
-        env.update({f"STREAMFOLD_{name.upper()}": str(value) for name, value in (
-            ("redis_url", settings.redis_url), ("redis_username", "streamfold"), ("redis_password", PASSWORD),
-            ("redis_tls_ca", certs / "ca.crt"), ("redis_tls_cert", certs / "client.crt"),
-            ("redis_tls_key", certs / "client.key"), ("namespace", "tls-runner"), ("queue", "tls-runner"))},
-                   STREAMFOLD_UPSTREAMS=json.dumps(table))
+        env = _process_env(certs, table, redis_url=settings.redis_url, redis_username="streamfold",
+                           redis_password=PASSWORD, namespace="tls-runner", queue="tls-runner")
         request_id = enqueue_chat_completion({"model": "openai_refusal", "messages": []}, client=client,
                                              settings=settings.model_copy(update={"upstreams": table}))
         done = subprocess.run([sys.executable, "-m", "producer", "work", "--burst"], env=env, cwd=ROOT,
@@ -168,3 +162,55 @@ def test_passwords_are_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "s3cret" not in repr(load_settings())
     shown = repr(Settings(redis_url="redis://alice:url-s3cret@redis:6379/0", gateway_keys={"acme": "gw-s3cret"}))
     assert "url-s3cret" not in shown and "gw-s3cret" not in shown and "'acme': '[redacted]'" in shown
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """(a node's port, certificate directory) of a 3-master Redis Cluster that speaks only TLS, its bus too."""
+    require_redis_server()
+    if not shutil.which("openssl"):
+        if os.environ.get("STREAMFOLD_REQUIRE_REDIS") or os.environ.get("CI"):
+            pytest.fail("openssl is needed for the TLS tests")
+        pytest.skip("openssl is not installed")
+    certs = tmp_path_factory.mktemp("tls-cluster-certs")
+    make_certificates(certs)
+    topology, nodes = start_cluster(tmp_path_factory.mktemp("tls-cluster"), 3, certs=certs)
+    try:
+        yield nodes[0].port, certs
+    finally:
+        topology.close()
+
+
+def test_a_cluster_over_tls_runs_calls_assembles_and_follows(tls_cluster: tuple[int, Path]) -> None:
+    """Every client of a cluster - blocking and asyncio, the runner's batches among them - speaks TLS with the
+    client certificate to each node it is sent to."""
+    port, certs = tls_cluster
+    namespace = f"sftest-tlscl-{uuid.uuid4().hex[:8]}"
+    settings = _settings(port, certs, redis_url=f"rediss://127.0.0.1:{port}", redis_cluster=True,
+                         queue_redis_url=TEST_REDIS_URL, namespace=namespace, queue=namespace, shards=6)
+    client = connect(settings)
+    preflight(client)
+    with MockUpstream() as upstream:
+        table = {"default": {"base_url": upstream.base_url}}
+        env = _process_env(certs, table, redis_url=settings.redis_url, redis_cluster="true",
+                           queue_redis_url=TEST_REDIS_URL, namespace=namespace, queue=namespace, shards=6)
+        request_ids = [enqueue_chat_completion({"model": model, "messages": []}, client=client,
+                                               settings=settings.model_copy(update={"upstreams": table}))
+                       for model in ("openai_refusal", "openai_parallel_tool_calls", "qwen_mt_flash_incremental")]
+        done = subprocess.run([sys.executable, "-m", "producer", "work", "--burst"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert Worker(Broker.from_settings(client, settings, "w1"), settings, burst=True).run() == 0
+        for request_id in request_ids:
+            assert wait_for_result(request_id, 5, client=client, settings=settings)["status"] == "completed"
+
+        async def last_event() -> object:
+            return [event async for event in afollow(request_ids[0], settings=settings)][-1]
+
+        assert isinstance(asyncio.run(last_event()), Final)
+    finally:
+        client.close()
+        with redis.Redis.from_url(TEST_REDIS_URL) as queue:
+            for key in queue.scan_iter(match=f"rq:*{namespace}*"):
+                queue.delete(key)

@@ -1,6 +1,7 @@
-"""Real Redis topologies on loopback ports, started by the tests that need them: a Redis Cluster of N masters,
-and a primary with a replica watched by three Sentinels. Each server runs from Debian's ``redis-server`` (Sentinel
-as ``redis-server --sentinel``) in a directory of its own, and is killed when the topology is closed."""
+"""Real Redis topologies on loopback ports, started by the tests that need them: a Redis Cluster of N masters
+(in the clear or over TLS), and a primary with a replica watched by three Sentinels. Each server runs from
+Debian's ``redis-server`` (Sentinel as ``redis-server --sentinel``) in a directory of its own, and is killed when
+the topology is closed. Certificates for TLS are made with openssl (``make_certificates``)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,11 @@ class Server:
     port: int
     directory: Path
     process: subprocess.Popen[bytes]
+    certs: Path | None = None  # speaks only TLS, wanting a client certificate, with these (make_certificates)
 
     def client(self, **options: object) -> redis.Redis:
+        if self.certs is not None:
+            options = {**tls_options(self.certs), **options}
         return redis.Redis(port=self.port, socket_timeout=2, **options)  # type: ignore[arg-type]
 
     def kill(self) -> None:
@@ -88,15 +92,20 @@ class Topology:
     root: Path
     servers: list[Server] = field(default_factory=list)
 
-    def start(self, name: str, *options: str, config: Path | None = None) -> Server:
+    def start(self, name: str, *options: str, config: Path | None = None, certs: Path | None = None) -> Server:
         port = free_port(bus="--cluster-enabled" in options)
         directory = self.root / name
         directory.mkdir(parents=True, exist_ok=True)
+        listen = ["--port", str(port)]
+        if certs is not None:  # TLS only, the cluster bus too
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs / "server.crt"),
+                      "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.crt"),
+                      "--tls-auth-clients", "yes", "--tls-cluster", "yes"]
         process = subprocess.Popen(
-            ["redis-server", *([str(config)] if config else []), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(directory), "--logfile", "server.log", *options],
+            ["redis-server", *([str(config)] if config else []), *listen, "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(directory), "--logfile", "server.log", *options],
             cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        server = Server(port, directory, process)
+        server = Server(port, directory, process, certs)
         self.servers.append(server)
         wait_for(lambda: bool(server.client().ping()), 10, f"redis-server {name} on port {port}")
         return server
@@ -106,13 +115,14 @@ class Topology:
             server.kill()
 
 
-def start_cluster(root: Path, masters: int = 3) -> tuple[Topology, list[Server]]:
-    """A Redis Cluster of ``masters`` masters and no replicas, every slot served; its nodes' servers. A cluster
-    that fails to form is stopped before the error leaves, so no server outlives it."""
+def start_cluster(root: Path, masters: int = 3, *, certs: Path | None = None) -> tuple[Topology, list[Server]]:
+    """A Redis Cluster of ``masters`` masters and no replicas, every slot served; its nodes' servers. With
+    ``certs``, every node and the cluster bus speak only TLS. A cluster that fails to form is stopped before
+    the error leaves, so no server outlives it."""
     topology = Topology(root)
     try:
         nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                "--cluster-node-timeout", "2000") for number in range(masters)]
+                                "--cluster-node-timeout", "2000", certs=certs) for number in range(masters)]
         _form_cluster(nodes)
     except BaseException:
         topology.close()
@@ -129,11 +139,36 @@ def _form_cluster(nodes: list[Server]) -> None:
             if number:
                 nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
     else:
-        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
+        certs = nodes[0].certs
+        tls = [] if certs is None else ["--tls", "--cacert", str(certs / "ca.crt"), "--cert", str(certs / "client.crt"),
+                                        "--key", str(certs / "client.key")]
+        subprocess.run(["redis-cli", *tls, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
     for node in nodes:
         wait_for(lambda node=node: node.client().cluster("info").get("cluster_state") == "ok", 30,
                  f"cluster node {node.port} to see every slot served")
+
+
+def make_certificates(directory: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by the CA, in
+    ``directory``: ca.crt, server.crt/.key, client.crt/.key."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", "/CN=streamfold-test-ca")
+    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "1", *extra)
+
+
+def tls_options(certs: Path) -> dict[str, object]:
+    """redis-py options for a client of a server started with ``certs``."""
+    return {"ssl": True, "ssl_ca_certs": str(certs / "ca.crt"), "ssl_certfile": str(certs / "client.crt"),
+            "ssl_keyfile": str(certs / "client.key")}
 
 
 @dataclass
