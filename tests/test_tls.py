@@ -1,7 +1,7 @@
 """Transport security on a real redis-server that speaks only TLS and wants client certificates: the pipeline
 runs over rediss:// with a CA, a client certificate and AUTH (from the URL or from settings), and refuses to
-run without them; so does a 3-master Redis Cluster whose nodes and bus speak only TLS. Certificates are made
-with openssl (tests/topology.py)."""
+run without them; so does a 3-master Redis Cluster whose nodes and bus speak only TLS, and a primary found
+through Sentinels that all speak only TLS. Certificates are made with openssl (tests/topology.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from streamfold.connection import connect, preflight
 from streamfold.errors import ConfigError, RedisUnavailable
 from streamfold.settings import Settings, load_settings, redacted_url
 from tests.conftest import RECORDED, ROOT, TEST_REDIS_URL, load_jsonl
-from tests.topology import make_certificates, require_redis_server, start_cluster
+from tests.topology import (SENTINEL_SERVICE, make_certificates, require_redis_server, start_cluster,
+                            start_sentinel_group)
 from worker.broker import Broker
 from worker.live import Final
 from worker.runner import Worker
@@ -214,3 +215,33 @@ def test_a_cluster_over_tls_runs_calls_assembles_and_follows(tls_cluster: tuple[
         with redis.Redis.from_url(TEST_REDIS_URL) as queue:
             for key in queue.scan_iter(match=f"rq:*{namespace}*"):
                 queue.delete(key)
+
+
+def test_through_sentinels_over_tls_the_pipeline_runs_and_follows(tmp_path: Path) -> None:
+    """The Sentinels, the primary and its replica speak only TLS: the client asks the Sentinels over TLS with
+    the same certificates, then speaks TLS to the primary they name, blocking and asyncio alike."""
+    require_redis_server()
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    make_certificates(certs)
+    group = start_sentinel_group(tmp_path / "group", certs=certs)
+    try:
+        settings = _settings(0, certs, redis_url="rediss://", redis_sentinels=group.addresses,
+                             redis_sentinel_service=SENTINEL_SERVICE, namespace=f"sftest-tlss-{uuid.uuid4().hex[:8]}")
+        client = connect(settings)
+        preflight(client)
+        publisher = Publisher(client, settings.keys, batch_size=100)
+        publisher.start("tls-sentinel")
+        for chunk in load_jsonl(RECORDED / "openai_refusal.jsonl"):
+            publisher.push("tls-sentinel", chunk)
+        publisher.end("tls-sentinel")
+        assert Worker(Broker.from_settings(client, settings, "w1"), settings, burst=True).run() == 0
+        assert wait_for_result("tls-sentinel", 5, client=client, settings=settings)["status"] == "completed"
+
+        async def last_event() -> object:
+            return [event async for event in afollow("tls-sentinel", settings=settings)][-1]
+
+        assert isinstance(asyncio.run(last_event()), Final)
+        client.close()
+    finally:
+        group.topology.close()

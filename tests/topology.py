@@ -97,10 +97,11 @@ class Topology:
         directory = self.root / name
         directory.mkdir(parents=True, exist_ok=True)
         listen = ["--port", str(port)]
-        if certs is not None:  # TLS only, the cluster bus too
+        if certs is not None:  # TLS only: clients, the cluster bus, replication, Sentinels' own links
             listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs / "server.crt"),
                       "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.crt"),
-                      "--tls-auth-clients", "yes", "--tls-cluster", "yes"]
+                      "--tls-auth-clients", "yes", "--tls-replication", "yes",
+                      *(["--tls-cluster", "yes"] if "--cluster-enabled" in options else [])]
         process = subprocess.Popen(
             ["redis-server", *([str(config)] if config else []), *listen, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(directory), "--logfile", "server.log", *options],
@@ -189,10 +190,11 @@ class SentinelGroup:
         return int(self.sentinels[0].client().sentinel_get_master_addr_by_name(SENTINEL_SERVICE)[1])
 
 
-def start_sentinel_group(root: Path, *, down_after_ms: int = 1500) -> SentinelGroup:
+def start_sentinel_group(root: Path, *, down_after_ms: int = 1500, certs: Path | None = None) -> SentinelGroup:
+    """With ``certs``, the primary, the replica and the Sentinels speak only TLS, to clients and to each other."""
     topology = Topology(root)
-    primary = topology.start("primary")
-    replica = topology.start("replica", "--replicaof", "127.0.0.1", str(primary.port))
+    primary = topology.start("primary", certs=certs)
+    replica = topology.start("replica", "--replicaof", "127.0.0.1", str(primary.port), certs=certs)
     wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", 15,
              "the replica to sync")
     sentinels = []
@@ -204,7 +206,7 @@ def start_sentinel_group(root: Path, *, down_after_ms: int = 1500) -> SentinelGr
                         f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {down_after_ms}\n"
                         f"sentinel failover-timeout {SENTINEL_SERVICE} 10000\n"
                         f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n")
-        sentinels.append(topology.start(f"sentinel-{number}", "--sentinel", config=conf))
+        sentinels.append(topology.start(f"sentinel-{number}", "--sentinel", config=conf, certs=certs))
     group = SentinelGroup(topology, primary, replica, sentinels)
     wait_for(lambda: all(_other_sentinels(sentinel) == 2 for sentinel in sentinels), 20,
              "the Sentinels to find each other")
