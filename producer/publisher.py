@@ -196,7 +196,9 @@ class Publisher:
         """Close a request that the upstream finished; sends everything buffered."""
         progress = self._progress(request_id)
         attempt = _counter("attempt", progress.attempt if attempt is None else attempt)
-        self._close(request_id, progress, contract.encode_end(attempt=attempt, ts_ms=now_ms()))
+        # The attempt's chunk count, when this publisher pushed them: a worker can then tell lost last chunks.
+        self._close(request_id, progress, contract.encode_end(attempt=attempt, ts_ms=now_ms(),
+                                                              chunks=progress.next_seq.get(attempt)))
 
     def fail(self, request_id: str, error: str | Mapping[str, Any] | BaseException, *,
              attempt: int | None = None) -> None:

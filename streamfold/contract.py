@@ -69,6 +69,7 @@ class Envelope:
     ts_ms: int
     seq: int = -1
     payload: bytes = b""
+    chunks: int | None = None  # an end's count of its attempt's chunks, when the producer sent it
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +217,13 @@ def encode_chunk(raw: bytes, *, seq: int, attempt: int, ts_ms: int) -> dict[str,
     return {"k": b"chunk", "att": b"%d" % attempt, "ts": b"%d" % ts_ms, "seq": b"%d" % seq, "d": raw}
 
 
-def encode_end(*, attempt: int, ts_ms: int) -> dict[str, bytes]:
-    return {"k": b"end", "att": b"%d" % attempt, "ts": b"%d" % ts_ms}
+def encode_end(*, attempt: int, ts_ms: int, chunks: int | None = None) -> dict[str, bytes]:
+    """An end envelope; ``chunks``, the attempt's count of chunks, lets a worker tell an end that came after
+    all of them from one whose last chunks were lost (a failover losing acknowledged writes)."""
+    fields = {"k": b"end", "att": b"%d" % attempt, "ts": b"%d" % ts_ms}
+    if chunks is not None:
+        fields["n"] = b"%d" % chunks
+    return fields
 
 
 def encode_error(error: ErrorInfo, *, attempt: int, ts_ms: int) -> dict[str, bytes]:
@@ -236,11 +242,12 @@ def decode_envelope(fields: Fields) -> Envelope:
         attempt = _counter(fields[b"att"])
         ts_ms = _counter(fields[b"ts"])
         seq = _counter(fields[b"seq"]) if kind == "chunk" else -1
+        chunks = _counter(fields[b"n"]) if kind == "end" and b"n" in fields else None
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise ContractError(f"not an envelope: {fields!r:.200}") from exc
     if kind not in KINDS:
         raise ContractError(f"unknown envelope kind {kind!r:.40}")
-    return Envelope(cast(Kind, kind), attempt, ts_ms, seq, fields.get(b"d", b""))
+    return Envelope(cast(Kind, kind), attempt, ts_ms, seq, fields.get(b"d", b""), chunks)
 
 
 def _counter(raw: bytes) -> int:

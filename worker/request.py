@@ -114,7 +114,7 @@ class RequestState:
                 self._assembly().fail(dict(decode_error(envelope)))
                 self._end(envelope.ts_ms)
             else:
-                self._end(envelope.ts_ms)
+                self._end(envelope.ts_ms, chunks=envelope.chunks)
         except ContractError as exc:
             self._reject(entry_id, "invalid_envelope", str(exc), fields.get(b"d", b""))
         except Exception as exc:  # noqa: BLE001  (one request's fault stays its own; see the module docstring)
@@ -253,7 +253,12 @@ class RequestState:
         if self._first_chunk_ts is None:
             self._first_chunk_ts = ts_ms
 
-    def _end(self, ts_ms: int) -> None:
+    def _end(self, ts_ms: int, *, chunks: int | None = None) -> None:
+        if chunks is not None and chunks > self._last_seq + 1:
+            # The attempt's last chunks never came: lost, like a gap, only at the end.
+            self._gaps = True
+            self._warnings.append(f"attempt {self._attempt}: chunks {self._last_seq + 1}..{chunks - 1} missing; "
+                                  "the output cannot be complete")
         self.ended = True
         self._end_ts = ts_ms
 

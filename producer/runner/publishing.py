@@ -392,7 +392,7 @@ class RequestStream:
         await self._batcher.send((_xadd(self.key, fields),), size=len(raw) + 64)
 
     async def end(self) -> None:
-        await self._close(contract.encode_end(attempt=self.attempt, ts_ms=now_ms()))
+        await self._close(contract.encode_end(attempt=self.attempt, ts_ms=now_ms(), chunks=self.pushed))
 
     async def fail(self, error: str | Mapping[str, Any] | BaseException) -> None:
         info = contract.error_info(error)

@@ -94,6 +94,7 @@ def test_chunks_are_stored_byte_for_byte_in_push_order_numbered_from_zero(
     assert [e.kind for e in stored] == ["start", "chunk", "chunk", "chunk", "chunk", "end"]
     assert [e.payload for e in stored[1:-1]] == payloads
     assert [e.seq for e in stored[1:-1]] == seqs == [0, 1, 2, 3]
+    assert stored[-1].chunks == 4  # the end counts them: lost last chunks can be told
     assert {e.attempt for e in stored} == {0}
 
 

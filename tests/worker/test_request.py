@@ -39,8 +39,8 @@ class Stream:
         for seq, raw in enumerate(raws):
             self.chunk(raw, seq, attempt, ts)
 
-    def end(self, attempt: int = 0, ts: int = 1_000) -> bool:
-        return self.entry(encode_end(attempt=attempt, ts_ms=ts))
+    def end(self, attempt: int = 0, ts: int = 1_000, chunks: int | None = None) -> bool:
+        return self.entry(encode_end(attempt=attempt, ts_ms=ts, chunks=chunks))
 
 
 def _fields(fields: dict[str, bytes]) -> Fields:
@@ -117,6 +117,26 @@ def test_a_seq_gap_is_applied_but_the_request_can_only_end_incomplete() -> None:
     assert record["metrics"]["chunks"] == len(chunks) - 2
 
 
+@pytest.mark.parametrize(("sent", "told", "status", "warnings"), [
+    (13, 13, "completed", []),
+    (13, None, "completed", []),  # a producer that does not count: nothing to check against
+    (11, 13, "incomplete", ["attempt 0: chunks 11..12 missing; the output cannot be complete"]),
+    (0, 2, "incomplete", ["attempt 0: chunks 0..1 missing; the output cannot be complete"]),
+])
+def test_an_end_that_counts_more_chunks_than_came_ends_the_request_incomplete(
+        sent: int, told: int | None, status: str, warnings: list[str]) -> None:
+    """The last chunks of an attempt lost (a failover losing writes its primary had acknowledged) leave no gap
+    for the seqs to show: the end's count of the attempt's chunks does."""
+    chunks = recorded("openai_refusal")
+    assert len(chunks) == 13
+    stream = Stream()
+    stream.start()
+    stream.chunks(chunks[:sent])
+    stream.end(chunks=told)
+    record = stream.state.outcome(2_000).record
+    assert (record["status"], record["warnings"]) == (status, warnings)
+
+
 def test_an_error_envelope_fails_the_request_and_keeps_the_partial_output() -> None:
     chunks = recorded("openai_refusal")
     stream = Stream()
@@ -159,6 +179,14 @@ def test_a_chunk_that_trips_a_fault_in_the_assembler_fails_only_its_request(monk
     outcome = stream.state.outcome(2_000)
     assert outcome.record["error"]["type"] == "assembler_error"
     assert outcome.dead_letter is not None and outcome.dead_letter.reason == "seq 0: RuntimeError: bug"
+
+
+@pytest.mark.parametrize("count", [b"-1", b"two", b"99999999999999999999"])
+def test_an_end_whose_chunk_count_is_not_one_is_dead_lettered(count: bytes) -> None:
+    stream = Stream()
+    stream.start()
+    assert stream.entry({"k": b"end", "att": b"0", "ts": b"1", "n": count})
+    assert stream.state.outcome(2_000).record["error"]["type"] == "invalid_envelope"
 
 
 def test_an_entry_that_is_not_an_envelope_is_dead_lettered() -> None:

@@ -167,6 +167,7 @@ def test_a_clean_stream_is_published_as_start_each_raw_chunk_and_end(server: fak
     assert [e.kind for e in published] == ["start"] + ["chunk"] * len(chunks_of()) + ["end"]
     assert [e.payload for e in published if e.kind == "chunk"] == chunks_of()
     assert [e.seq for e in published if e.kind == "chunk"] == list(range(len(chunks_of())))
+    assert published[-1].chunks == len(chunks_of())  # the end counts them: lost last chunks can be told
     # The job's token: a re-run of the same job may start the request again, no other producer may. The
     # upstream's API is the stream's format; the model asked for names the call for analytics.
     assert orjson.loads(published[0].payload) == {"meta": {"user": "u1"}, "mode": "incremental",
