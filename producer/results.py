@@ -23,7 +23,7 @@ from redis.client import PubSub
 from redis.typing import KeyT, StreamIdT
 
 from streamfold import contract
-from streamfold.connection import connected, redis_errors
+from streamfold.connection import connected, redis_errors, refresh_layout
 from streamfold.contract import validate_request_id
 from streamfold.errors import ContractError, RedisUnavailable, ResultTimeout
 from streamfold.keys import Keys
@@ -56,7 +56,8 @@ def wait_for_result(request_id: str, timeout: float, *, client: redis.Redis | No
     between is either found by the lookup or announced on the channel: never missed, never polled for.
     ``settings`` (default: read from the environment now) gives the keys, and the client when none is given.
     A Redis that cannot serve for now (a failover) is waited out until the deadline, subscribing again to
-    whichever primary serves next; RedisUnavailable only if none does by then.
+    whichever primary serves next (on a cluster, after reading the slot layout again); RedisUnavailable only
+    if none does by then.
     """
     validate_request_id(request_id)
     with connected(client, settings) as (client, settings):
@@ -68,6 +69,7 @@ def wait_for_result(request_id: str, timeout: float, *, client: redis.Redis | No
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(min(FAILOVER_POLL_S, max(0.0, deadline - time.monotonic())))
+                refresh_layout(client)
 
 
 def _wait(client: redis.Redis, keys: Keys, request_id: str, deadline: float, timeout: float) -> dict[str, Any]:

@@ -301,6 +301,18 @@ def cannot_serve(exc: BaseException) -> bool:
         isinstance(exc, redis.ResponseError) and str(exc).startswith(TRANSIENT_ERRORS))
 
 
+def refresh_layout(client: redis.Redis) -> None:
+    """After Redis could not serve: a cluster client reads again which node serves which slot. redis-py does
+    so by itself after a failed command, but not after a failed pub/sub connection, which would otherwise go
+    on trying the node a failover took the channel's slot from. Nothing for other clients; a cluster that
+    cannot tell yet is asked again at the next failure."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        try:
+            client.nodes_manager.initialize()
+        except (redis.RedisError, redis.exceptions.RedisClusterException):
+            pass
+
+
 def preflight(client: redis.Redis) -> None:
     """Check, before serving, that Redis takes these credentials: RedisRefused when it never will serve them
     (a wrong password, user or database index, a server that is not Redis). A Redis that cannot serve for

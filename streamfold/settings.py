@@ -77,7 +77,8 @@ class Settings(BaseSettings):
         "password of the Sentinels themselves (requirepass in sentinel.conf); never printed"))
     redis_wait_replicas: int = Field(0, ge=0, description=(
         "replicas that must hold a call runner's writes before they count as sent (WAIT after every batch), "
-        "so a failover loses none of them; 0: the primary's acknowledgement is enough"))
+        "so a failover loses none of them (Sentinel or a single primary, not a Redis Cluster); 0: the "
+        "primary's acknowledgement is enough"))
     redis_wait_timeout_ms: int = Field(500, ge=1, description=(
         "longest a batch waits for redis_wait_replicas, ms; a batch not confirmed by then is sent again"))
     # --- Redis Cluster (README, "Redis Cluster") ---------------------------------------------------------
@@ -183,6 +184,10 @@ class Settings(BaseSettings):
             raise ValueError("redis_sentinels need redis_sentinel_service: the name of the primary they monitor")
         if self.redis_wait_timeout_ms / 1000 >= self.socket_timeout:
             raise ValueError("redis_wait_timeout_ms must stay below socket_timeout (seconds)")
+        if self.redis_wait_replicas and self.redis_cluster:
+            raise ValueError("redis_wait_replicas is not applied on a Redis Cluster: a runner's batch spans several "
+                             "masters, and WAIT counts one connection's writes; set it to 0 (README, \"Redis "
+                             "Cluster\": what a master failover can cost)")
         return self
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 """The whole pipeline on a real 3-master Redis Cluster, its rq queue on a Redis of its own: calls enqueued
 through rq, a call runner, several stream workers, one of them SIGKILLed mid-run. Every request ends with
 exactly one result and one usage event; results, usage summaries, stats, health and the gateway read the
-shards of the cluster merged."""
+shards of the cluster merged. On a cluster with replicas, a master SIGKILLed mid-run: every request still ends
+once, and one that lost writes says so."""
 
 from __future__ import annotations
 
@@ -110,14 +111,22 @@ def _count(client: redis.Redis, stream: str, request_id: str) -> int:
 
 @pytest.fixture
 def stack(cluster: list[Server], tmp_path: Path) -> Iterator[ClusterStack]:
+    with cluster_stack(cluster, tmp_path) as the_stack:
+        yield the_stack
+
+
+@contextmanager
+def cluster_stack(nodes: list[Server], tmp_path: Path, **extra: Any) -> Iterator[ClusterStack]:
+    """A pipeline's settings and clients on the cluster of ``nodes`` (``extra``: more settings), in a namespace
+    of its own; every process it started is stopped and its rq keys go on the way out."""
     namespace = f"sftest-cl-{uuid.uuid4().hex[:8]}"
     with MockUpstream() as upstream:
         table = {"default": {"base_url": upstream.base_url + "?mock_latency_ms=40", "api_key_env": KEY_ENV}}
         values: dict[str, Any] = {
-            "redis_url": f"redis://127.0.0.1:{cluster[1].port}", "redis_cluster": True,
+            "redis_url": f"redis://127.0.0.1:{nodes[1].port}", "redis_cluster": True,
             "queue_redis_url": TEST_REDIS_URL, "namespace": namespace, "queue": namespace, "shards": SHARDS,
             "upstreams": table, "claim_timeout": 2, "block_ms": 200, "socket_timeout": 3, "stall_timeout": 10,
-            "concurrency": 16}
+            "concurrency": 16, **extra}
         env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
         env.update({f"STREAMFOLD_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value).lower()
                     if isinstance(value, bool) else str(value) for name, value in values.items()})
@@ -169,6 +178,15 @@ def test_settings_refuse_a_cluster_without_a_queue_redis_of_its_own(monkeypatch:
     monkeypatch.setenv("STREAMFOLD_REDIS_CLUSTER", "true")
     monkeypatch.delenv("STREAMFOLD_QUEUE_REDIS_URL", raising=False)
     with pytest.raises(ConfigError, match="STREAMFOLD_QUEUE_REDIS_URL"):
+        load_settings()
+
+
+def test_settings_refuse_wait_replicas_on_a_cluster_where_it_could_not_be_applied(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMFOLD_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("STREAMFOLD_QUEUE_REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("STREAMFOLD_REDIS_WAIT_REPLICAS", "1")
+    with pytest.raises(ConfigError, match="redis_wait_replicas is not applied on a Redis Cluster"):
         load_settings()
 
 
@@ -321,3 +339,50 @@ def test_every_acl_role_works_on_a_cluster_and_is_refused_outside_its_keys(clust
         with redis.Redis.from_url(TEST_REDIS_URL) as queue:
             for key in queue.scan_iter(match=f"rq:*{namespace}*"):
                 queue.delete(key)
+
+
+@pytest.mark.timeout(300)
+def test_a_master_killed_mid_run_fails_over_and_every_request_ends_once_saying_what_it_lost(tmp_path: Path) -> None:
+    """3 masters with a replica each; one master is SIGKILLed while calls stream and workers assemble, and its
+    replica takes over its slots. A cluster's replication is asynchronous and WAIT is not applied on one, so
+    writes the killed master had acknowledged but not passed on are lost: a request may end incomplete. None
+    hangs, none is doubled, every completed one is exact, and one that is not says what it lost."""
+    require_redis_server()
+    topology, nodes = start_cluster(tmp_path / "replicated", 3, replicas=1)
+    try:
+        roles = {node.port: node.client().execute_command("ROLE") for node in nodes}
+        victim = next(node for node in nodes if roles[node.port][0] == b"master")
+        replica = next(node for node in nodes if roles[node.port][0] == b"slave" and roles[node.port][2] == victim.port)
+        alive = [node for node in nodes if node is not victim]
+        with cluster_stack(alive, tmp_path, upstream_backoff=0.05) as stack:
+            request_ids = {stack.enqueue(MODELS[number % len(MODELS)]): MODELS[number % len(MODELS)]
+                           for number in range(30)}
+            with serving(stack, workers=2):
+                wait_until(lambda: sum(stack.published(rid)[0] for rid in request_ids) >= 5, 60,
+                           "a few requests to finish")
+                victim.kill()
+                wait_until(lambda: _promoted(alive, replica), 30, "the replica to take over the killed master's slots")
+                for request_id in request_ids:
+                    wait_for_result(request_id, 90, client=stack.client, settings=stack.settings)
+                for name, process in stack.processes.items():
+                    assert process.poll() is None, f"{name} exited:\n{stack.log(name)}"
+            statuses: dict[str, int] = {}
+            for request_id, model in request_ids.items():
+                record = get_result(stack.client, stack.settings.keys, request_id)
+                assert record is not None
+                statuses[record["status"]] = statuses.get(record["status"], 0) + 1
+                if record["status"] == "completed":
+                    assert record["completion"] == dict(assemble(load_jsonl(FIXTURES[model])))["completion"], (model, record)
+                else:
+                    assert record["status"] == "incomplete" and any("missing" in warning or "before its start"
+                                                                    in warning for warning in record["warnings"]), record
+                assert stack.published(request_id) == (1, 1), model
+            print(f"\ncluster master failover: {len(request_ids)} requests, statuses {statuses}")
+    finally:
+        topology.close()
+
+
+def _promoted(nodes: list[Server], replica: Server) -> bool:
+    """Whether the killed master's replica is a master now and every node still up sees every slot served."""
+    return replica.client().execute_command("ROLE")[0] == b"master" and \
+        all(node.client().cluster("info").get("cluster_state") == "ok" for node in nodes)

@@ -68,6 +68,7 @@ class Server:
     directory: Path
     process: subprocess.Popen[bytes]
     certs: Path | None = None  # speaks only TLS, wanting a client certificate, with these (make_certificates)
+    command: list[str] = field(default_factory=list)  # how it was started, to start it again
 
     def client(self, **options: object) -> redis.Redis:
         if self.certs is not None:
@@ -102,13 +103,23 @@ class Topology:
                       "--tls-key-file", str(certs / "server.key"), "--tls-ca-cert-file", str(certs / "ca.crt"),
                       "--tls-auth-clients", "yes", "--tls-replication", "yes",
                       *(["--tls-cluster", "yes"] if "--cluster-enabled" in options else [])]
-        process = subprocess.Popen(
-            ["redis-server", *([str(config)] if config else []), *listen, "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory), "--logfile", "server.log", *options],
-            cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        server = Server(port, directory, process, certs)
+        command = ["redis-server", *([str(config)] if config else []), *listen, "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", str(directory), "--logfile", "server.log", *options]
+        return self._run(Server(port, directory, self._popen(command, directory), certs, command))
+
+    def restart(self, server: Server) -> Server:
+        """Start a killed server again as it was started, on its port: empty (nothing is persisted), but a
+        cluster node keeps its cluster config file and rejoins."""
+        return self._run(Server(server.port, server.directory, self._popen(server.command, server.directory),
+                                server.certs, server.command))
+
+    @staticmethod
+    def _popen(command: list[str], directory: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def _run(self, server: Server) -> Server:
         self.servers.append(server)
-        wait_for(lambda: bool(server.client().ping()), 10, f"redis-server {name} on port {port}")
+        wait_for(lambda: bool(server.client().ping()), 10, f"redis-server on port {server.port}")
         return server
 
     def close(self) -> None:
@@ -116,23 +127,34 @@ class Topology:
             server.kill()
 
 
-def start_cluster(root: Path, masters: int = 3, *, certs: Path | None = None) -> tuple[Topology, list[Server]]:
-    """A Redis Cluster of ``masters`` masters and no replicas, every slot served; its nodes' servers. With
-    ``certs``, every node and the cluster bus speak only TLS. A cluster that fails to form is stopped before
-    the error leaves, so no server outlives it."""
+def start_cluster(root: Path, masters: int = 3, *, replicas: int = 0,
+                  certs: Path | None = None) -> tuple[Topology, list[Server]]:
+    """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, every slot served; its nodes'
+    servers, masters first. With ``certs``, every node and the cluster bus speak only TLS. A cluster that fails
+    to form is stopped before the error leaves, so no server outlives it."""
     topology = Topology(root)
     try:
         nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                "--cluster-node-timeout", "2000", certs=certs) for number in range(masters)]
-        _form_cluster(nodes)
+                                "--cluster-node-timeout", "2000",
+                                # A replica may always take over: with the default factor the replicas of a
+                                # cluster formed moments ago refused, their master link judged too old.
+                                "--cluster-replica-validity-factor", "0", "--repl-diskless-sync-delay", "0",
+                                certs=certs)
+                 for number in range(masters * (1 + replicas))]
+        _form_cluster(nodes, replicas)
+        # A replica promoted before its first sync would take over its master's slots empty.
+        for node in nodes:
+            wait_for(lambda node=node: node.client().execute_command("ROLE")[0] == b"master"
+                     or node.client().info("replication").get("master_link_status") == "up", 30,
+                     f"cluster replica {node.port} to sync")
     except BaseException:
         topology.close()
         raise
     return topology, nodes
 
 
-def _form_cluster(nodes: list[Server]) -> None:
-    masters = len(nodes)
+def _form_cluster(nodes: list[Server], replicas: int = 0) -> None:
+    masters = len(nodes) // (1 + replicas)
     if masters < 3:  # redis-cli --cluster create wants three masters at least: split the slots by hand
         for number, node in enumerate(nodes):
             node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 16384 * number // masters,
@@ -144,7 +166,8 @@ def _form_cluster(nodes: list[Server]) -> None:
         tls = [] if certs is None else ["--tls", "--cacert", str(certs / "ca.crt"), "--cert", str(certs / "client.crt"),
                                         "--key", str(certs / "client.key")]
         subprocess.run(["redis-cli", *tls, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+                        "--cluster-replicas", str(replicas), "--cluster-yes"], check=True, capture_output=True,
+                       timeout=60)
     for node in nodes:
         wait_for(lambda node=node: node.client().cluster("info").get("cluster_state") == "ok", 30,
                  f"cluster node {node.port} to see every slot served")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 
-from streamfold.connection import connect, preflight
+from streamfold.connection import connect, preflight, refresh_layout
 from streamfold.errors import ConfigError, RedisRefused, RedisUnavailable
 from streamfold.logs import EventLog, configure_logging
 from streamfold.settings import Settings, load_settings
@@ -321,6 +321,8 @@ class Worker:
         self._log.log(logging.WARNING if isinstance(exc, RedisUnavailable) else logging.ERROR, event, error=str(exc),
                       retry_in_s=round(delay, 3))
         time.sleep(delay)
+        if isinstance(exc, RedisUnavailable):
+            refresh_layout(self.broker.client)  # on a cluster, after a failover: where each slot is served now
         now = self._clock()
         for state in self._requests.values():
             # An outage is not a stall: nothing could be read meanwhile, so the stall clocks restart.
