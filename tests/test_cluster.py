@@ -372,10 +372,12 @@ def test_a_master_killed_mid_run_fails_over_and_every_request_ends_once_saying_w
                 assert record is not None
                 statuses[record["status"]] = statuses.get(record["status"], 0) + 1
                 if record["status"] == "completed":
-                    assert record["completion"] == dict(assemble(load_jsonl(FIXTURES[model])))["completion"], (model, record)
+                    expected = dict(assemble(load_jsonl(FIXTURES[model])))["completion"]
+                    assert record["completion"] == expected, (model, record)
                 else:
-                    assert record["status"] == "incomplete" and any("missing" in warning or "before its start"
-                                                                    in warning for warning in record["warnings"]), record
+                    said = [warning for warning in record["warnings"] if "missing" in warning or "before its start"
+                            in warning]
+                    assert record["status"] == "incomplete" and said, record
                 assert stack.published(request_id) == (1, 1), model
             print(f"\ncluster master failover: {len(request_ids)} requests, statuses {statuses}")
     finally:

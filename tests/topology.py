@@ -119,8 +119,9 @@ class Topology:
 def start_cluster(root: Path, masters: int = 3, *, replicas: int = 0,
                   certs: Path | None = None) -> tuple[Topology, list[Server]]:
     """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, every slot served, every replica
-    synced; its nodes' servers (``ROLE`` tells which are masters). With ``certs``, every node and the cluster bus speak only TLS. A cluster that fails
-    to form is stopped before the error leaves, so no server outlives it."""
+    synced; its nodes' servers (``ROLE`` tells which are masters). With ``certs``, every node and the cluster
+    bus speak only TLS. A cluster that fails to form is stopped before the error leaves, so no server outlives
+    it."""
     topology = Topology(root)
     try:
         nodes = [topology.start(f"node-{number}", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
