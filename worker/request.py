@@ -236,9 +236,7 @@ class RequestState:
                          f"STREAMFOLD_MAX_REQUEST_BYTES={self._limits.request_bytes} bytes of chunks", payload)
             return
         if seq > self._last_seq + 1:
-            self._gaps = True
-            self._warnings.append(f"attempt {self._attempt}: chunks {self._last_seq + 1}..{seq - 1} missing; "
-                                  "the output cannot be complete")
+            self._missing(seq)
         self._last_seq = seq
         try:
             self._assembly().feed(payload)
@@ -255,12 +253,15 @@ class RequestState:
 
     def _end(self, ts_ms: int, *, chunks: int | None = None) -> None:
         if chunks is not None and chunks > self._last_seq + 1:
-            # The attempt's last chunks never came: lost, like a gap, only at the end.
-            self._gaps = True
-            self._warnings.append(f"attempt {self._attempt}: chunks {self._last_seq + 1}..{chunks - 1} missing; "
-                                  "the output cannot be complete")
+            self._missing(chunks)  # the attempt's last chunks never came: a gap, only at the end
         self.ended = True
         self._end_ts = ts_ms
+
+    def _missing(self, upto: int) -> None:
+        """The attempt's chunks after the last one seen and before ``upto`` are lost: the output cannot be whole."""
+        self._gaps = True
+        self._warnings.append(f"attempt {self._attempt}: chunks {self._last_seq + 1}..{upto - 1} missing; "
+                              "the output cannot be complete")
 
     def _reject(self, entry_id: str, error_type: str, reason: str, payload: bytes) -> None:
         """A poison entry: dead-letter it and fail the request, keeping the output assembled so far."""
