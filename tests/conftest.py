@@ -7,10 +7,12 @@ so CI can never go green without having run them.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -20,6 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ROOT / "fixtures" / "seeds"
 RECORDED = ROOT / "fixtures" / "recorded"
 TEST_REDIS_URL = os.environ.get("STREAMFOLD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def process_env(**settings: Any) -> dict[str, str]:
+    """The environment of a Streamfold process a test starts: this one's without its STREAMFOLD_ variables,
+    then ``settings`` as STREAMFOLD_ variables (tables as JSON, booleans as true/false)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
+    for name, value in settings.items():
+        text = json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        env[f"STREAMFOLD_{name.upper()}"] = text
+    return env
 
 
 def load_jsonl(path: Path) -> list[bytes]:

@@ -6,8 +6,6 @@ once, and one that lost writes says so."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,7 +31,7 @@ from streamfold.acl import setuser
 from streamfold.connection import connect, connect_queue, preflight
 from streamfold.errors import ConfigError
 from streamfold.settings import Settings, load_settings
-from tests.conftest import ROOT, TEST_REDIS_URL, load_jsonl
+from tests.conftest import ROOT, TEST_REDIS_URL, load_jsonl, process_env
 from tests.producer.gateway.conftest import serve_app
 from tests.topology import Server, require_redis_server, start_cluster
 from worker import assemble
@@ -127,10 +125,7 @@ def cluster_stack(nodes: list[Server], tmp_path: Path, **extra: Any) -> Iterator
             "queue_redis_url": TEST_REDIS_URL, "namespace": namespace, "queue": namespace, "shards": SHARDS,
             "upstreams": table, "claim_timeout": 2, "block_ms": 200, "socket_timeout": 3, "stall_timeout": 10,
             "concurrency": 16, **extra}
-        env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
-        env.update({f"STREAMFOLD_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value).lower()
-                    if isinstance(value, bool) else str(value) for name, value in values.items()})
-        env[KEY_ENV] = "sk-cluster-test"
+        env = {**process_env(**values), KEY_ENV: "sk-cluster-test"}
         settings = Settings(**values)
         client, queue = connect(settings), connect_queue(settings)
         stack = ClusterStack(settings, client, queue, env, tmp_path)

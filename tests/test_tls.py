@@ -6,9 +6,6 @@ through Sentinels that all speak only TLS. Certificates are made with openssl (t
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +22,7 @@ from producer.mock_upstream import MockUpstream
 from streamfold.connection import connect, preflight
 from streamfold.errors import ConfigError, RedisUnavailable
 from streamfold.settings import Settings, load_settings, redacted_url
-from tests.conftest import RECORDED, ROOT, TEST_REDIS_URL, load_jsonl
+from tests.conftest import RECORDED, ROOT, TEST_REDIS_URL, load_jsonl, process_env
 from tests.topology import (SENTINEL_SERVICE, make_certificates, require_redis_server, start_cluster,
                             start_sentinel_group)
 from worker.broker import Broker
@@ -40,10 +37,7 @@ PASSWORD = "tls-test-password"
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """(port, certificate directory) of a redis-server that accepts TLS with a client certificate only."""
-    if not shutil.which("redis-server") or not shutil.which("openssl"):
-        if os.environ.get("STREAMFOLD_REQUIRE_REDIS") or os.environ.get("CI"):
-            pytest.fail("redis-server and openssl are needed for the TLS tests")
-        pytest.skip("redis-server or openssl is not installed")
+    require_redis_server(tls=True)
     directory = tmp_path_factory.mktemp("tls")
     make_certificates(directory)
     with socket.socket() as probe:
@@ -77,14 +71,9 @@ def _settings(port: int, certs: Path, **changes: object) -> Settings:
 
 
 def _process_env(certs: Path, upstreams: dict[str, object], **settings: object) -> dict[str, str]:
-    """The environment of a Streamfold process: this one's without its STREAMFOLD_ settings, then the client
-    certificate, the upstream table and ``settings`` as STREAMFOLD_ variables."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("STREAMFOLD_")}
-    values = {"redis_tls_ca": certs / "ca.crt", "redis_tls_cert": certs / "client.crt",
-              "redis_tls_key": certs / "client.key", **settings}
-    env.update({f"STREAMFOLD_{name.upper()}": str(value) for name, value in values.items()},
-               STREAMFOLD_UPSTREAMS=json.dumps(upstreams))
-    return env
+    """The environment of a Streamfold process with the client certificate, the upstream table and ``settings``."""
+    return process_env(redis_tls_ca=certs / "ca.crt", redis_tls_cert=certs / "client.crt",
+                       redis_tls_key=certs / "client.key", upstreams=upstreams, **settings)
 
 
 def test_the_pipeline_runs_over_tls_with_a_client_certificate_and_auth(tls_redis: tuple[int, Path]) -> None:
@@ -168,11 +157,7 @@ def test_passwords_are_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """(a node's port, certificate directory) of a 3-master Redis Cluster that speaks only TLS, its bus too."""
-    require_redis_server()
-    if not shutil.which("openssl"):
-        if os.environ.get("STREAMFOLD_REQUIRE_REDIS") or os.environ.get("CI"):
-            pytest.fail("openssl is needed for the TLS tests")
-        pytest.skip("openssl is not installed")
+    require_redis_server(tls=True)
     certs = tmp_path_factory.mktemp("tls-cluster-certs")
     make_certificates(certs)
     topology, nodes = start_cluster(tmp_path_factory.mktemp("tls-cluster"), 3, certs=certs)
@@ -220,7 +205,7 @@ def test_a_cluster_over_tls_runs_calls_assembles_and_follows(tls_cluster: tuple[
 def test_through_sentinels_over_tls_the_pipeline_runs_and_follows(tmp_path: Path) -> None:
     """The Sentinels, the primary and its replica speak only TLS: the client asks the Sentinels over TLS with
     the same certificates, then speaks TLS to the primary they name, blocking and asyncio alike."""
-    require_redis_server()
+    require_redis_server(tls=True)
     certs = tmp_path / "certs"
     certs.mkdir()
     make_certificates(certs)

@@ -22,11 +22,13 @@ import redis
 SENTINEL_SERVICE = "streamfold-primary"
 
 
-def require_redis_server() -> None:
-    """Skip without redis-server, except where a run must not skip (CI): there, fail."""
-    if shutil.which("redis-server") and shutil.which("redis-cli"):
+def require_redis_server(*, tls: bool = False) -> None:
+    """Skip without redis-server (and, with ``tls``, openssl to make certificates), except where a run must not
+    skip (CI): there, fail."""
+    tools = ("redis-server", "redis-cli", *(("openssl",) if tls else ()))
+    if all(shutil.which(tool) for tool in tools):
         return
-    message = "redis-server and redis-cli are needed to start a cluster or a Sentinel group"
+    message = f"{', '.join(tools)} are needed to start the Redis servers of this test"
     if os.environ.get("STREAMFOLD_REQUIRE_REDIS") or os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
