@@ -68,7 +68,7 @@ class Gateway:
         self.keys = settings.keys
         self.gate = Gatekeeper(settings.gateway_keys, link_ttl=settings.gateway_link_ttl)
         self.metrics = metrics or GatewayMetrics()
-        self.redis: Any = connect_async(settings)
+        self.redis: Any = connect_async(settings, loop_writes=False)  # see connect_async
         # rq is synchronous: enqueue and cancel run on a thread, with these clients of the streams Redis and of
         # rq's (the same Redis unless the streams live on a cluster).
         self.sync = connect(settings)
